@@ -1,0 +1,66 @@
+"""One attention interface over several backends (DESIGN section 8).
+
+    out = attend(q, k, v, layout, backend="auto")   # q [B, H, L, D], k/v [B, Hkv, L, D]
+
+Each backend module `dlm.attention.<name>` defines:
+    available(device: torch.device) -> str | None   # None when usable, else why not
+    ARBITRARY_MASK: bool                              # can it honour an annealing mask?
+    attention(q, k, v, layout) -> Tensor              # [B, H, L, D]
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from dlm.attention.layout import AnnealMask, AttentionLayout
+
+BACKENDS = ("flash", "varlen", "flex", "sdpa")
+# preference order of "auto" on CUDA; on CPU the dense reference is the fast choice
+_CUDA_ORDER = ("flash", "varlen", "flex", "sdpa")
+_MODULES = {"flash": "dlm.attention.flash", "varlen": "dlm.attention.varlen", "flex": "dlm.attention.flex", "sdpa": "dlm.attention.dense"}
+
+__all__ = ["AnnealMask", "AttentionLayout", "BACKENDS", "attend", "resolve_backend"]
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def _module(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    return importlib.import_module(_MODULES[name])
+
+
+def _why_not(name: str, device: torch.device, arbitrary_mask: bool) -> str | None:
+    mod = _module(name)
+    reason = mod.available(device)
+    if reason is None and arbitrary_mask and not mod.ARBITRARY_MASK:
+        reason = "it only supports document masks, not the causal->bidirectional annealing mask"
+    return reason
+
+
+@lru_cache(maxsize=None)
+def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
+    """The concrete backend for a request; a clear error when it cannot serve it."""
+    device = torch.device(device_type)
+    if name != "auto":
+        reason = _why_not(name, device, arbitrary_mask)
+        if reason is not None:
+            raise BackendUnavailable(f"attention backend {name!r} cannot be used on {device_type}: {reason}")
+        return name
+    order = _CUDA_ORDER if device_type == "cuda" else ("sdpa",)
+    for candidate in order:
+        if _why_not(candidate, device, arbitrary_mask) is None:
+            return candidate
+    raise BackendUnavailable(f"no attention backend is usable on {device_type}")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto") -> torch.Tensor:
+    name = resolve_backend(backend, q.device.type, layout.needs_dense_mask)
+    return _module(name).attention(q, k, v, layout)

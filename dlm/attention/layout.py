@@ -1,0 +1,128 @@
+"""How the tokens of a packed batch may attend to each other.
+
+Everything derives from per-token position ids that restart at 0 at every document start,
+so a collated batch needs no extra structure; `cu_seqlens` is precomputed for varlen kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# odd multipliers below 2**31 so that products of 32-bit values never overflow int64
+_K_SEED, _K_Q, _K_K = 0x2545F491, 0x6C8E9CF5, 0x3C6EF372
+_M1, _M2 = 0x7FEB352D, 0x046CA68B
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xorshift-multiply) on int64 tensors holding values < 2**32."""
+    h = h ^ (h >> 16)
+    h = (h * _M1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _M2) & _MASK32
+    return h ^ (h >> 16)
+
+
+@dataclass(frozen=True)
+class AnnealMask:
+    """Causal -> bidirectional annealing (DESIGN section 2): at optimizer step `step`, each
+    future entry (q, k > q) of a document is open with probability `p`, drawn from a hash of
+    (seed, step, q, k) that is shared by batch rows, heads and layers."""
+
+    seed: int
+    step: int
+    p: float
+
+    @property
+    def key(self) -> int:
+        return int(_mix32(torch.tensor(((self.seed * _K_SEED) ^ (self.step + 0x9E37)) & _MASK32)).item())
+
+    @property
+    def threshold(self) -> int:
+        """Entry open iff hash < threshold; p is quantised to multiples of 2**-32."""
+        return min(1 << 32, max(0, int(self.p * (1 << 32))))
+
+    def future_open(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        """Whether future entry (q, k) is open; pure tensor ops so FlexAttention can trace it."""
+        h = (q_idx.to(torch.int64) * _K_Q + k_idx.to(torch.int64) * _K_K + self.key) & _MASK32
+        return _mix32(h) < self.threshold
+
+    @staticmethod
+    def schedule(seed: int, step: int, anneal_steps: int) -> "AnnealMask | None":
+        """The mask for `step`, or None once annealing is over (p = 1: plain bidirectional)."""
+        if anneal_steps <= 0 or step + 1 >= anneal_steps:
+            return None
+        return AnnealMask(seed=seed, step=step, p=(step + 1) / anneal_steps)
+
+
+@dataclass
+class AttentionLayout:
+    """Attention structure of a [B, L] batch.
+
+    position_ids: [B, L] int64, 0 at each document start (index 0 always starts a segment).
+    doc_ids: [B, L] int64, segment index within the row.
+    cu_seqlens: [S+1] int32 over the flattened B*L tokens (may hold zero-length padding segments).
+    max_seqlen: longest segment.
+    causal: AR mode (the original model). anneal: partial future visibility (bidirectional only).
+    """
+
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    causal: bool = False
+    anneal: AnnealMask | None = None
+
+    @staticmethod
+    def from_position_ids(
+        position_ids: torch.Tensor,
+        causal: bool = False,
+        anneal: AnnealMask | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> "AttentionLayout":
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [B, L], got {tuple(position_ids.shape)}")
+        if causal and anneal is not None:
+            raise ValueError("an annealing mask only applies to bidirectional attention")
+        starts = position_ids == 0
+        starts[:, 0] = True
+        doc_ids = starts.long().cumsum(dim=1) - 1
+        if cu_seqlens is None:
+            B, L = position_ids.shape
+            flat = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+            cu_seqlens = torch.cat([flat, flat.new_tensor([B * L])]).to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        return AttentionLayout(position_ids, doc_ids, cu_seqlens, max_seqlen, causal, anneal)
+
+    @staticmethod
+    def single(batch: int, length: int, device=None, causal: bool = False) -> "AttentionLayout":
+        """One document per row."""
+        pos = torch.arange(length, device=device).expand(batch, length).clone()
+        return AttentionLayout.from_position_ids(pos, causal=causal)
+
+    @property
+    def needs_dense_mask(self) -> bool:
+        """True when the mask is more than documents (+causal): varlen kernels cannot serve it."""
+        return self.anneal is not None
+
+    def allowed(self, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """mask_mod semantics: may query q of row b attend key k? Broadcasts over index tensors."""
+        same_doc = self.doc_ids[b, q] == self.doc_ids[b, k]
+        if self.causal:
+            return same_doc & (k <= q)
+        if self.anneal is None:
+            return same_doc
+        return same_doc & ((k <= q) | self.anneal.future_open(q, k))
+
+    def dense_mask(self) -> torch.Tensor:
+        """[B, 1, L, L] boolean mask (True = attend): the reference every backend is checked against."""
+        B, L = self.doc_ids.shape
+        dev = self.doc_ids.device
+        b = torch.arange(B, device=dev)[:, None, None]
+        q = torch.arange(L, device=dev)[None, :, None]
+        k = torch.arange(L, device=dev)[None, None, :]
+        return self.allowed(b, q, k)[:, None]

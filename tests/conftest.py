@@ -1,0 +1,9 @@
+"""Suite-wide settings: CPU only, Triton kernels through the interpreter, few threads."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
