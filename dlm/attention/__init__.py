@@ -11,6 +11,7 @@ Each backend module `dlm.attention.<name>` defines:
 from __future__ import annotations
 
 import importlib
+import logging
 from functools import lru_cache
 from types import ModuleType
 
@@ -23,7 +24,9 @@ BACKENDS = ("flash", "varlen", "flex", "sdpa")
 _CUDA_ORDER = ("flash", "varlen", "flex", "sdpa")
 _MODULES = {"flash": "dlm.attention.flash", "varlen": "dlm.attention.varlen", "flex": "dlm.attention.flex", "sdpa": "dlm.attention.dense"}
 
-__all__ = ["AnnealMask", "AttentionLayout", "BACKENDS", "attend", "resolve_backend"]
+__all__ = ["AnnealMask", "AttentionLayout", "BACKENDS", "BackendUnavailable", "attend", "resolve_backend"]
+
+logger = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -49,16 +52,24 @@ def _why_not(name: str, device: torch.device, arbitrary_mask: bool) -> str | Non
 def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
     """The concrete backend for a request; a clear error when it cannot serve it."""
     device = torch.device(device_type)
+    mask = "annealing mask" if arbitrary_mask else "document mask"
     if name != "auto":
         reason = _why_not(name, device, arbitrary_mask)
         if reason is not None:
             raise BackendUnavailable(f"attention backend {name!r} cannot be used on {device_type}: {reason}")
+        logger.info("attention backend: %s (requested, %s, %s)", name, device_type, mask)
         return name
     order = _CUDA_ORDER if device_type == "cuda" else ("sdpa",)
+    skipped = []
     for candidate in order:
-        if _why_not(candidate, device, arbitrary_mask) is None:
+        reason = _why_not(candidate, device, arbitrary_mask)
+        if reason is None:
+            # resolve_backend is cached, so this is logged once per (request, device, mask kind)
+            logger.info("attention backend: %s (auto, %s, %s)%s", candidate, device_type, mask,
+                        "; skipped " + "; ".join(skipped) if skipped else "")
             return candidate
-    raise BackendUnavailable(f"no attention backend is usable on {device_type}")
+        skipped.append(f"{candidate}: {reason}")
+    raise BackendUnavailable(f"no attention backend is usable on {device_type}: " + "; ".join(skipped))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto") -> torch.Tensor:

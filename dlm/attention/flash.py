@@ -1,0 +1,38 @@
+"""flash-attn's `flash_attn_varlen_func` (CUDA, package installed): the fastest document-masked
+attention. Document (+causal) masks only; GQA is native (kv head j serves query heads
+j*g .. j*g+g-1, as in SDPA)."""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.attention.layout import AttentionLayout
+from dlm.attention.varlen import check_half_precision, run_packed
+
+ARBITRARY_MASK = False
+
+
+def _flash_varlen(q, k, v, cu, max_seqlen: int, causal: bool) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=causal)
+
+
+def available(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"flash-attn runs on CUDA only (device is {device.type})"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as e:
+        return f"the flash-attn package is not installed ({e})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"flash-attn 2 needs compute capability >= 8.0, device has {major}.x"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    check_half_precision(q, "flash")
+    return run_packed(_flash_varlen, q, k, v, layout, "flash")

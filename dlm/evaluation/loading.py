@@ -1,0 +1,71 @@
+"""Model + tokenizer for generation and evaluation, from a training checkpoint (or run folder)
+or a Hugging Face style folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dlm.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "trainer_state.json").exists()
+
+
+def load_model(path: str, ar: bool = False, device: str = "cpu", dtype: str = "fp32"):
+    """A diffusion model, or with `ar` an HF folder's AR original exactly as published (causal
+    attention, no [MASK] row: nothing changes its distribution). A training checkpoint is
+    always a diffusion model; in `ar` mode it is scored through the causal layout."""
+    from dlm.models.hf import load_hf_model
+    from dlm.train.checkpoint import load_model as load_checkpoint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    p = Path(path)
+    if ar and _is_hf_folder(p):
+        model = load_hf_model(p, mask_token_id=None, attention="causal", device=device, dtype=DTYPES[dtype])
+    else:
+        model = load_checkpoint(p, device=device, dtype=DTYPES[dtype])
+    return model.eval()
+
+
+def _tokenizer_candidates(path: Path) -> list[str]:
+    """Where a model folder's tokenizer may be: the folder itself (HF exports copy it), else what
+    the training run recorded (its init folder, the sample tokenizer, the data store's tokenizer)."""
+    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
+
+    if _is_hf_folder(path):
+        return [str(path)]
+    state = json.loads((resolve_checkpoint(path) / STATE_FILE).read_text())
+    cfg = state.get("train_config", {})
+    found = [state.get("tokenizer_from"), cfg.get("metrics", {}).get("sample_tokenizer")]
+    for store in cfg.get("data", {}).get("paths", []):
+        plan = Path(store) / "plan.json"
+        if plan.is_file():
+            found.append(json.loads(plan.read_text()).get("tokenizer", {}).get("path"))
+    return [c for c in found if c]
+
+
+def find_tokenizer(model_path: str, tokenizer: str | None = None) -> Tokenizer:
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    tried = []
+    for cand in _tokenizer_candidates(Path(model_path)):
+        try:
+            return load_tokenizer(cand)
+        except FileNotFoundError as e:
+            tried.append(f"{cand} ({e})")
+    tried_text = "; ".join(tried) or "nothing recorded"
+    raise FileNotFoundError(f"no tokenizer found for {model_path} (tried: {tried_text}); pass --tokenizer")
+
+
+def special_ids(model, tok: Tokenizer) -> tuple[int | None, int | None]:
+    """(bos, eos): the tokenizer's, else the model config's."""
+    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_token_id
+    eos = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
+    return bos, eos

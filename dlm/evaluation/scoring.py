@@ -1,0 +1,163 @@
+"""Likelihood scorers over token rows `context | continuation`.
+
+Diffusion (DESIGN section 4): the conditional ELBO of the continuation given the context,
+    -log p(cont | ctx) <= E_t [ sum over masked i of CE(out[i-1], x_i) / t ],
+estimated with K stratified t_k = (k + 0.5) / K. Noise is shared by all choices of a question:
+one uniform u[k, j] per (sample k, continuation offset j), position j masked iff u < t_k, drawn
+from a generator keyed by (seed, question index), so the estimate of a question does not depend
+on batching or --limit. The context is never masked.
+
+AR: the exact log-likelihood under the causal layout, on the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dlm.attention.layout import AttentionLayout
+from dlm.sampling import logits_at, pad_rows
+
+Pair = tuple[list[int], list[int]]  # (context ids incl. BOS, continuation ids)
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def question_generator(seed: int, index: int) -> torch.Generator:
+    """The noise stream of one question: keyed by its index, so --limit and batching never change it."""
+    return torch.Generator().manual_seed((seed * _GOLDEN + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63))
+
+
+def _forward_targets(model, inputs: list[list[int]], positions: list[list[int]], targets: list[list[int]], causal: bool, ar: bool):
+    """NLL [N], argmax hits [N] and row index [N] of `targets` at `positions` (output i-1 predicts
+    i), row-major. `ar`: the AR original's distribution, with no probability on an appended
+    [MASK] or on vocabulary padding rows."""
+    longest = max(len(x) for x in inputs)
+    if longest > model.config.max_seq_len:
+        raise ValueError(f"a context + continuation row has {longest} tokens, "
+                         f"more than the model's max_seq_len {model.config.max_seq_len}")
+    device = model.output_weight().device
+    ids, pos = pad_rows(inputs, device=device)
+    layout = AttentionLayout.from_position_ids(pos, causal=causal)
+    r = torch.tensor([b for b, p in enumerate(positions) for _ in p], dtype=torch.long, device=device)
+    c = torch.tensor([i for p in positions for i in p], dtype=torch.long, device=device)
+    tgt = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=device)
+    logits = logits_at(model, ids, layout, r, c - 1)
+    if ar:
+        logits[:, model.config.base_vocab_size :] = float("-inf")
+    return F.cross_entropy(logits, tgt, reduction="none"), logits.argmax(-1) == tgt, r
+
+
+def _chunks(jobs: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def elbo_nll(
+    model, questions: Sequence[Sequence[Pair]], num_samples: int, seed: int, batch_size: int, progress: bool = False
+) -> list[list[float]]:
+    """ELBO bound on -log p(continuation | context) in nats, per question and choice."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise ValueError("ELBO scoring needs a diffusion model (config.mask_token_id is None); use --ar for an AR model")
+    K = num_samples
+    causal = model.config.attention == "causal"  # attend as the model was trained (normally bidirectional)
+    scores = [[0.0] * len(choices) for choices in questions]
+
+    def jobs():
+        for q, choices in enumerate(questions):
+            width = max(len(cont) for _, cont in choices)
+            u = torch.rand(K, width, generator=question_generator(seed, q))
+            for k in range(K):
+                t = (k + 0.5) / K
+                for j, (ctx, cont) in enumerate(choices):
+                    hit = (u[k, : len(cont)] < t).nonzero().flatten().tolist()
+                    if hit:  # nothing masked: this draw contributes 0 to the estimate
+                        noisy = ctx + list(cont)
+                        for m in hit:
+                            noisy[len(ctx) + m] = mask_id
+                        yield q, j, t, noisy, [len(ctx) + m for m in hit], [cont[m] for m in hit]
+
+    total = sum(K * len(c) for c in questions)
+    bar = tqdm(total=total, desc="elbo", unit="row", disable=not progress, dynamic_ncols=True)
+    for batch in _chunks(jobs(), batch_size):
+        inputs, positions, targets = ([b[i] for b in batch] for i in (3, 4, 5))
+        nll, _, r = _forward_targets(model, inputs, positions, targets, causal=causal, ar=False)
+        per_row = torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        for (q, j, t, *_), s in zip(batch, per_row):
+            scores[q][j] += s / t / K
+        bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+@torch.inference_mode()
+def ar_nll(model, pairs: Sequence[Pair], batch_size: int, progress: bool = False) -> tuple[list[float], list[bool]]:
+    """Exact -log p(continuation | context) under the causal model, and whether greedy decoding
+    would reproduce the continuation (every target token is the argmax)."""
+    nlls, greedy = [], []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="ar", disable=not progress, dynamic_ncols=True):
+        chunk = pairs[start : start + batch_size]
+        for ctx, cont in chunk:
+            if not ctx or not cont:
+                raise ValueError("AR scoring needs a non-empty context (BOS at least) and continuation")
+        inputs = [c + x for c, x in chunk]
+        positions = [list(range(len(c), len(c) + len(x))) for c, x in chunk]
+        nll, hit, r = _forward_targets(model, inputs, positions, [x for _, x in chunk], causal=True, ar=True)
+        n = len(chunk)
+        nlls += torch.zeros(n, dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        misses = torch.zeros(n, dtype=torch.long, device=nll.device).index_add_(0, r, (~hit).long())
+        greedy += (misses == 0).tolist()
+    return nlls, greedy
+
+
+@torch.inference_mode()
+def ar_generate(
+    model, prompts: Sequence[list[int]], max_new: int, eos_id: int | None, batch_size: int, progress: bool = False
+) -> list[list[int]]:
+    """Greedy AR continuation of each prompt (full recompute per token: the models keep no cache),
+    stopping at EOS (not included) or after max_new tokens."""
+    cfg = model.config
+    out: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="ar generate", disable=not progress, dynamic_ncols=True):
+        rows = [list(p) for p in prompts[start : start + batch_size]]
+        gen: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        for _ in range(max_new):
+            if not live:
+                break
+            inputs = [rows[b] + gen[b] for b in live]
+            if max(len(x) for x in inputs) > cfg.max_seq_len:
+                raise ValueError(f"AR generation would exceed the model's max_seq_len {cfg.max_seq_len}")
+            device = model.output_weight().device
+            ids, pos = pad_rows(inputs, device=device)
+            layout = AttentionLayout.from_position_ids(pos, causal=True)
+            r = torch.arange(len(inputs), device=device)
+            c = torch.tensor([len(x) - 1 for x in inputs], device=device)
+            logits = logits_at(model, ids, layout, r, c)
+            logits[:, cfg.base_vocab_size :] = float("-inf")  # padding rows and an appended [MASK]
+            if cfg.mask_token_id is not None:
+                logits[:, cfg.mask_token_id] = float("-inf")
+            nxt = logits.argmax(-1).tolist()
+            still = []
+            for b, tok in zip(live, nxt):
+                if eos_id is not None and tok == eos_id:
+                    continue
+                gen[b].append(tok)
+                if len(gen[b]) < max_new:
+                    still.append(b)
+            live = still
+        out += gen
+    return out

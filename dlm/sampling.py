@@ -1,0 +1,268 @@
+"""Iterative unmasking for masked diffusion LMs (DESIGN section 3).
+
+Each request is one row `prefix | [MASK] * n | suffix`; the prefix (prompt, or BOS when there is
+none) and the suffix stay fixed. For each of T steps the model runs once; the masked positions of
+the current block are scored, some are committed, and a committed token is never changed again.
+Shift: the model keeps its AR parameterisation, so the prediction for position i is read from the
+output at position i-1 (position 0 is always given).
+
+Rows of different lengths are right-padded; the padding is its own document segment (its
+position ids restart at 0), so no real token attends to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dlm.attention.layout import AttentionLayout
+
+ORDERS = ("random", "confidence", "margin", "entropy")
+
+
+@dataclass
+class SamplingConfig:
+    """How to denoise. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters;
+    block_size 0 decodes the whole answer as one block (else semi-autoregressive, left to right)."""
+
+    steps: int = 64
+    length: int = 64  # answer tokens, unless a request sets its own
+    order: str = "confidence"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    block_size: int = 0
+    eos_fill: bool = True  # once EOS is committed, everything after it becomes EOS (rows without suffix)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}; choose one of {ORDERS}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.length < 0 or self.block_size < 0 or self.top_k < 0:
+            raise ValueError("length, block_size and top_k must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    suffix: list[int] = field(default_factory=list)
+    length: int | None = None  # answer tokens; None -> SamplingConfig.length
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # the answer, cut at the first EOS
+    raw: list[int]  # the whole answer region as generated
+    prefix: list[int]  # what was fixed before the answer (BOS prepended when the prompt was empty)
+
+
+@dataclass
+class StepRecord:
+    """State after one denoising step, for --show-steps and tests (all [B, L], on CPU)."""
+
+    step: int
+    ids: torch.Tensor
+    masked: torch.Tensor
+    committed: torch.Tensor  # positions committed during this step
+    answer_start: list[int]
+    answer_len: list[int]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows to one length; padding forms its own segment so nothing attends to it.
+    Returns (input_ids [B, L], position_ids [B, L])."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("pad_rows needs at least one row and no empty rows")
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    pos = torch.empty((len(rows), L), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        pos[b, : len(r)] = torch.arange(len(r))
+        pos[b, len(r) :] = torch.arange(L - len(r))
+    return ids.to(device), pos.to(device)
+
+
+def logits_at(model, ids: torch.Tensor, layout: AttentionLayout, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the outputs at (rows, cols) only: the vocabulary projection is the big
+    cost, so it is applied to the gathered hidden states through the model's `head` hook."""
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (hidden[rows, cols] @ weight.t()).float()
+
+    return model(ids, layout, head=head)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering (removed entries -> -inf); the top token always survives."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick a token per row of `logits` [N, V] and its commit score (higher commits first)."""
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    logits = filter_logits(logits, cfg.top_k, cfg.top_p)
+    probs = logits.softmax(dim=-1)
+    if cfg.temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = probs.argmax(dim=-1)
+    if cfg.order == "margin":
+        top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
+        score = top2[:, 0] - (top2[:, 1] if top2.shape[-1] > 1 else 0.0)
+    elif cfg.order == "entropy":
+        score = (probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)  # = -entropy
+    else:  # confidence; random ignores the score
+        score = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, score
+
+
+def _block_plan(n: int, block_size: int, steps: int) -> list[tuple[int, int, int, int]]:
+    """(lo, hi, first_step, end_step) per block, answer-relative; steps shared out evenly."""
+    if n == 0:
+        return []
+    size = block_size or n
+    nb = math.ceil(n / size)
+    if steps < nb:
+        raise ValueError(f"{steps} steps cannot decode {nb} blocks ({n} tokens, block size {size}); use at least {nb} steps")
+    bounds = [steps * b // nb for b in range(nb + 1)]
+    return [(b * size, min(n, (b + 1) * size), bounds[b], bounds[b + 1]) for b in range(nb)]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    requests: list[Request],
+    cfg: SamplingConfig,
+    *,
+    mask_id: int | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    callback: Callable[[StepRecord], None] | None = None,
+) -> list[Sample]:
+    """Generate the answer of every request in one batch (see the module docstring)."""
+    mc = model.config
+    mask_id = mc.mask_token_id if mask_id is None else mask_id
+    bos_id = mc.bos_token_id if bos_id is None else bos_id
+    eos_id = mc.eos_token_id if eos_id is None else eos_id
+    if mask_id is None:
+        raise ValueError("the model has no mask token (config.mask_token_id is None): it is not a diffusion model")
+    device = model.output_weight().device
+
+    rows, starts, lens = [], [], []
+    for i, req in enumerate(requests):
+        prefix = list(req.prompt)
+        if not prefix:
+            if bos_id is None:
+                raise ValueError(f"request {i} has no prompt and no BOS id is known to start it")
+            prefix = [bos_id]
+        n = cfg.length if req.length is None else req.length
+        row = prefix + [mask_id] * n + list(req.suffix)
+        if len(row) > mc.max_seq_len:
+            raise ValueError(f"request {i} needs {len(row)} positions, more than the model's max_seq_len {mc.max_seq_len}")
+        rows.append(row)
+        starts.append(len(prefix))
+        lens.append(n)
+    ids, pos = pad_rows(rows, device=device)
+    layout = AttentionLayout.from_position_ids(pos, causal=mc.attention == "causal")  # as the model was trained
+    B, L = ids.shape
+    masked = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b in range(B):
+        masked[b, starts[b] : starts[b] + lens[b]] = True
+    eos_rows = torch.tensor([cfg.eos_fill and eos_id is not None and not r.suffix for r in requests], device=device)
+    answer = masked.clone()
+
+    # per step and row: the active window [lo, hi) and the steps left in its block
+    plans = [_block_plan(lens[b], cfg.block_size, cfg.steps) for b in range(B)]
+    lo = torch.zeros(cfg.steps, B, dtype=torch.long)
+    hi = torch.zeros(cfg.steps, B, dtype=torch.long)
+    left = torch.ones(cfg.steps, B, dtype=torch.long)
+    for b, plan in enumerate(plans):
+        for blo, bhi, s0, s1 in plan:
+            lo[s0:s1, b] = starts[b] + blo
+            hi[s0:s1, b] = starts[b] + bhi
+            left[s0:s1, b] = torch.arange(s1 - s0, 0, -1)
+    lo, hi, left = lo.to(device), hi.to(device), left.to(device)
+
+    forbidden = torch.zeros(mc.vocab_size, dtype=torch.bool, device=device)
+    forbidden[mc.base_vocab_size :] = True  # vocabulary padding rows
+    forbidden[mask_id] = True
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    col = torch.arange(L, device=device)
+
+    for step in range(cfg.steps):
+        if not masked.any():
+            break
+        active = masked & (col >= lo[step][:, None]) & (col < hi[step][:, None])
+        commit = torch.zeros_like(masked)
+        if active.any():
+            r, c = active.nonzero(as_tuple=True)
+            logits = logits_at(model, ids, layout, r, c - 1)
+            tokens, score = choose_tokens(logits.masked_fill(forbidden, float("-inf")), cfg, generator)
+            steps_left = left[step][r]
+            if cfg.order == "random":
+                u = torch.rand(r.shape[0], generator=generator, device=device)
+                commit[r, c] = u * steps_left < 1.0  # probability 1 / steps_left
+            else:
+                full = torch.full((B, L), float("-inf"), device=device)
+                full[r, c] = score
+                rank = torch.argsort(torch.argsort(full, dim=1, descending=True, stable=True), dim=1)
+                k = (active.sum(dim=1) + left[step] - 1) // left[step]  # ceil(n_active / steps_left)
+                commit = active & (rank < k[:, None])
+            new = torch.zeros_like(ids)
+            new[r, c] = tokens
+            ids = torch.where(commit, new, ids)
+            masked &= ~commit
+        if eos_rows.any():
+            is_eos = answer & ~masked & (ids == eos_id) & eos_rows[:, None]
+            after = is_eos.long().cumsum(dim=1) > 0
+            fill = after & masked
+            ids = ids.masked_fill(fill, eos_id)
+            masked &= ~fill
+            commit |= fill
+        if callback is not None:
+            snap = [x.to("cpu", copy=True) for x in (ids, masked, commit)]  # copies: the loop updates in place
+            callback(StepRecord(step, *snap, starts, lens))
+
+    if masked.any():  # the schedule guarantees this never happens; fail loudly if it does
+        raise RuntimeError("masked positions remain after the last step")
+    out = []
+    for b in range(B):
+        raw = ids[b, starts[b] : starts[b] + lens[b]].tolist()
+        cut = raw.index(eos_id) if eos_id is not None and eos_id in raw else len(raw)
+        out.append(Sample(tokens=raw[:cut], raw=raw, prefix=rows[b][: starts[b]]))
+    return out
+
+
+__all__ = [
+    "ORDERS",
+    "Request",
+    "Sample",
+    "SamplingConfig",
+    "StepRecord",
+    "choose_tokens",
+    "filter_logits",
+    "generate",
+    "logits_at",
+    "pad_rows",
+]

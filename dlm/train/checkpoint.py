@@ -1,0 +1,203 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP), committed atomically.
+
+A checkpoint is the folder `<run>/checkpoints/step_XXXXXXXX/` holding
+  - DCP shards of the model and optimizer (sharded DTensors; DCP reshards them on load, so a
+    job may resume on a different number of ranks),
+  - `trainer_state.json`: step, tokens seen, data resume state, scheduler, configs,
+  - `rng/rank_XXXXX.safetensors`: each rank's torch RNG states,
+  - `COMPLETE`, written last.
+Everything is first written to `step_XXXXXXXX.tmp/`, which rank 0 renames once all ranks are
+done; the marker follows the rename. A folder without the marker is never resumed from, so a
+job killed while writing resumes from the previous checkpoint.
+
+DCP stores its metadata with pickle: only load checkpoints this code wrote (trusted files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from dlm.models import build_model
+from dlm.models.config import ModelConfig
+from dlm.train.log import logger
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of committed checkpoints, oldest first; anything without COMPLETE is skipped."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from itself, a checkpoints folder or a run folder (newest complete)."""
+    p = Path(path)
+    if (p / COMPLETE).is_file():
+        return p
+    if (p / STATE_FILE).is_file():
+        raise ValueError(f"{p}: checkpoint has no {COMPLETE} marker (interrupted while being written)")
+    for folder in (p / "checkpoints", p):
+        found = complete_checkpoints(folder)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"{p}: no complete training checkpoint (a step_XXXXXXXX folder with {COMPLETE}) found")
+
+
+class Checkpointer:
+    """Saves and restores the full training state; every rank calls every method."""
+
+    def __init__(self, folder: Path, keep_last: int, rank: int, world_size: int):
+        self.folder = folder
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in folder.iterdir():  # debris of interrupted saves
+                if p.is_dir() and (p.name.endswith(".tmp") or (_NAME.match(p.name) and not (p / COMPLETE).exists())):
+                    logger.warning("removing incomplete checkpoint %s", p)
+                    shutil.rmtree(p)
+        dist.barrier()
+
+    def latest(self) -> Path | None:
+        found = complete_checkpoints(self.folder)
+        return found[-1][1] if found else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        """Write checkpoint `step`; `state` is the JSON-serialisable trainer state."""
+        final = self.folder / checkpoint_name(step)
+        if (final / COMPLETE).is_file():
+            return final  # already committed (e.g. the final step coincides with an interval)
+        tmp = self.folder / (final.name + ".tmp")
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        save_file(_rng_state(), str(tmp / "rng" / f"rank_{self.rank:05d}.safetensors"))
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            _write_atomic(tmp / STATE_FILE, json.dumps({**state, "world_size": self.world_size}, indent=1))
+            os.replace(tmp, final)
+            _write_atomic(final / COMPLETE, f"step {step}\n")
+            _fsync_dir(self.folder)
+            for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
+                shutil.rmtree(old)
+            logger.info("checkpoint %s committed", final)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model and optimizer shards (resharded to this world size) and this rank's RNG
+        state when the world size is unchanged; returns the trainer state."""
+        state = json.loads((path / STATE_FILE).read_text())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        if state["world_size"] == self.world_size:
+            _set_rng_state(load_file(str(path / "rng" / f"rank_{self.rank:05d}.safetensors")))
+        else:
+            logger.info("world size changed (%d -> %d): RNG states not restored (data order and noise "
+                        "do not depend on them)", state["world_size"], self.world_size)
+        return state
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(s["cpu"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+# ---------------------------------------------------------------- inference-side loading
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A full model for generation / evaluation / export from a training checkpoint folder, a
+    run folder (its newest complete checkpoint) or a Hugging Face style folder."""
+    p = Path(path)
+    dtype = dtype or torch.float32
+    if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
+        from dlm.models.hf import HFCheckpoint, load_hf_model
+
+        attention = HFCheckpoint(p).config.attention
+        return load_hf_model(p, mask_token_id="append", attention=attention, device=device, dtype=dtype)
+    ckpt = resolve_checkpoint(p)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    cfg = ModelConfig.from_dict(state["model_config"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    sd = model.state_dict()
+    # no_dist: read the full tensors in this one process, whatever world size wrote them
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": sd}, checkpoint_id=ckpt, no_dist=True)
+    model.load_state_dict(sd)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
+                      tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write a training checkpoint as a Hugging Face style folder (config.json + safetensors)."""
+    from dlm.models.hf import TOKENIZER_FILES, save_hf_model
+
+    ckpt = resolve_checkpoint(path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    model = load_model(ckpt, dtype=dtype)
+    if tokenizer_from is None:
+        src = state.get("tokenizer_from")
+        if src and any((Path(src) / n).is_file() for n in TOKENIZER_FILES):
+            tokenizer_from = src
+    return save_hf_model(model, model.config, out, tokenizer_from=tokenizer_from)

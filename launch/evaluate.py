@@ -1,0 +1,103 @@
+"""Evaluate a diffusion LM (or, with --ar, the AR original) on local task files (DESIGN section 4).
+
+    python launch/evaluate.py runs/demo --task hellaswag=data/hellaswag_val.jsonl --num-samples 128
+    python launch/evaluate.py hf/gpt2 --ar --task piqa=data/piqa_val.parquet --task winogrande=data/wg_dev
+    python launch/evaluate.py runs/demo --task heldout=stores/fineweb --limit 64 --out results.json
+
+--task NAME=PATH (repeatable): NAME one of hellaswag, piqa, siqa, winogrande, lambada, gsm8k,
+infill, or heldout (PATH = a token store; the held-out split the trainer reserved). PATH is a
+JSON lines file, a parquet file or folder, or a saved Hugging Face Arrow dataset folder.
+
+The results JSON: {"format", "mode", "model", "tokenizer", "settings", "tasks": {NAME: {"task",
+"path", "n", "metric", "value", "stderr", "seconds", ...}}}; multiple-choice tasks add
+"acc_norm"/"acc_norm_stderr", held-out adds "ppl_bound" and "tokens".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launch/evaluate.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model
+from dlm.evaluation.runner import EvalConfig, atomic_write_text, evaluate, task_paths
+from dlm.sampling import ORDERS
+
+
+def _train_seq_len(model_path: str) -> int | None:
+    """The training run's sequence length, when MODEL is a training checkpoint."""
+    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
+
+    p = Path(model_path)
+    if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
+        return None
+    state = json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
+    return state.get("train_config", {}).get("data", {}).get("seq_len")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="training run/checkpoint folder or Hugging Face style folder")
+    ap.add_argument("--task", action="append", required=True, metavar="NAME=PATH")
+    ap.add_argument("--tokenizer", help="tokenizer path (default: found from the model folder or its run)")
+    ap.add_argument("--ar", action="store_true", help="score as an AR model: causal attention, exact log-likelihood")
+    ap.add_argument("--num-samples", type=int, default=128, help="K Monte-Carlo samples of the ELBO")
+    ap.add_argument("--limit", type=int, default=None, help="first N records of each task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    ap.add_argument("--steps", type=int, default=None, help="generation steps (default: one per generated token)")
+    ap.add_argument("--gen-length", type=int, default=256, help="GSM8K answer tokens")
+    ap.add_argument("--order", choices=ORDERS, default="confidence")
+    ap.add_argument("--block-size", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--sep-id", type=int, default=None, help="GSM8K after SFT: prompt = [BOS] question [SEP]")
+    ap.add_argument("--seq-len", type=int, default=None, help="held-out row length (default: the training run's, else 1024)")
+    ap.add_argument("--heldout-fraction", type=float, default=0.001, help="must match the training data split")
+    ap.add_argument("--out", help="results JSON path")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be >= 1")
+    try:
+        tasks = task_paths(args.task)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
+
+    model = load_model(args.model, ar=args.ar, device=args.device, dtype=args.dtype)
+    tok = find_tokenizer(args.model, args.tokenizer)
+    seq_len = args.seq_len or _train_seq_len(args.model) or min(1024, model.config.max_seq_len)
+    cfg = EvalConfig(
+        ar=args.ar, num_samples=args.num_samples, seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+        steps=args.steps, gen_length=args.gen_length, order=args.order, block_size=args.block_size,
+        temperature=args.temperature, sep_id=args.sep_id, seq_len=seq_len, heldout_fraction=args.heldout_fraction,
+        progress=not args.no_progress,
+    )
+    meta = {"model": str(args.model), "tokenizer": tok.path, "device": args.device, "dtype": args.dtype}
+    results = evaluate(model, tok, tasks, cfg, meta=meta)
+    for name, r in results["tasks"].items():
+        se = "n/a" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        extra = f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
+        extra += f"  ppl_bound {r['ppl_bound']:.2f}" if "ppl_bound" in r else ""
+        print(f"{name:<12} n={r['n']:<6} {r['metric']} {r['value']:.4f} ± {se}{extra}")
+    text = json.dumps(results, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {e}")
