@@ -65,7 +65,7 @@ class Tokenizer:
         """What a token store records about the tokenizer that produced it."""
         return {
             "kind": self.kind,
-            "path": self.path,
+            "path": str(Path(self.path).resolve()),  # absolute: read again from other folders
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,
             "bos_id": self.bos_id,

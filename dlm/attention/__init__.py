@@ -72,6 +72,13 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
     raise BackendUnavailable(f"no attention backend is usable on {device_type}: " + "; ".join(skipped))
 
 
+# (request, device type, arbitrary mask) -> backend module; a plain dict, which torch.compile
+# traces as a guarded constant (an lru_cache call would break the graph)
+_RESOLVED: dict[tuple[str, str, bool], ModuleType] = {}
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto") -> torch.Tensor:
-    name = resolve_backend(backend, q.device.type, layout.needs_dense_mask)
-    return _module(name).attention(q, k, v, layout)
+    key = (backend, q.device.type, layout.needs_dense_mask)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _module(resolve_backend(*key))
+    return _RESOLVED[key].attention(q, k, v, layout)
