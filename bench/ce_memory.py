@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dlm.atomic import atomic_write_text  # noqa: E402
 from kernels.masked_ce import chunk_rows_for, masked_cross_entropy  # noqa: E402
 
 VARIANTS = ("naive", "fused")
@@ -124,10 +125,9 @@ def main(argv=None) -> int:
     print(f"fused/naive memory {mem_ratio:.3f} (goal <= 0.10: {'met' if mem_ok else 'MISSED'}), "
           f"time {time_ratio:.3f} (goal <= 1.2: {'met' if time_ok else 'MISSED'})")
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
-                                   "results": res, "memory_ratio": mem_ratio, "time_ratio": time_ratio}, indent=1))
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps({
+            "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
+            "results": res, "memory_ratio": mem_ratio, "time_ratio": time_ratio}, indent=1))
     return 0 if mem_ok and time_ok else 1
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dlm.atomic import atomic_write_text  # noqa: E402
 from dlm.attention import BACKENDS, AnnealMask, AttentionLayout, attend  # noqa: E402
 from dlm.attention import _module as attention_module  # noqa: E402
 from dlm.attention.dense import sdpa_attention  # noqa: E402
@@ -441,9 +442,7 @@ def main(argv=None) -> int:
     out = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"env": env, "checks": rep.details, "failed": rep.failed}, indent=1, default=str))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps({"env": env, "checks": rep.details, "failed": rep.failed}, indent=1, default=str))
     print(f"\ngpu_check {'FAILED' if rep.failed else 'passed'} in {env['wall_s']:.0f}s "
           f"({env['device']}, torch {env['torch']}, triton {env['triton']})")
     print(rep.table())

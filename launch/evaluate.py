@@ -25,8 +25,9 @@ if __package__ in (None, ""):  # `python launch/evaluate.py` from a checkout
 
 import torch
 
-from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model
-from dlm.evaluation.runner import EvalConfig, atomic_write_text, evaluate, task_paths
+from dlm.atomic import atomic_write_text
+from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, run_main
+from dlm.evaluation.runner import EvalConfig, evaluate, task_paths
 from dlm.sampling import ORDERS
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} n={r['n']:<6} {r['metric']} {r['value']:.4f} ± {se}{extra}")
     text = json.dumps(results, indent=2)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
@@ -97,7 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run_main(main)

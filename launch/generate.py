@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # `python launch/generate.py` from a checkout
 import torch
 from tqdm import tqdm
 
-from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, special_ids
-from dlm.evaluation.runner import atomic_write_text, with_start
+from dlm.atomic import atomic_write_text
+from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, run_main, special_ids
+from dlm.evaluation.runner import with_start
 from dlm.sampling import ORDERS, Request, SamplingConfig, StepRecord, generate
 
 MASK_GLYPH = "░"
@@ -135,13 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     if args.out:
         settings = dataclasses.asdict(cfg) | {"model": args.model, "tokenizer": tok.path}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, "".join(json.dumps({**r, "settings": settings}) + "\n" for r in lines))
         print(f"wrote {len(lines)} samples to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- data, model, optimizer
     weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
-    dataset = PackedDataset([SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)], seq_len=L, seed=cfg.data.seed)
+    dataset = PackedDataset([SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)], seq_len=L, seed=cfg.data.seed,
+                            heldout_fraction=cfg.data.heldout_fraction)
     source = weight_source(cfg.model, cfg.train.seed, dataset.tokenizer)
     mcfg = source.config
     if mcfg.max_seq_len < L:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dlm.data.store import DEFAULT_BATCH_TOKENS, atomic_write_json, token_dtype
+from dlm.atomic import atomic_write_json
+from dlm.data.store import DEFAULT_BATCH_TOKENS, token_dtype
 from dlm.tokenizer import load_tokenizer
 
 from .inputs import BAD_RECORD_POLICIES, InputError, discover, file_size, input_kind

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dlm.data.store import FORMAT, ShardWriter, atomic_write_json, sha256_file, shard_path, sidecar_path, \
-    store_schema, unit_stem
+from dlm.atomic import atomic_write_json
+from dlm.data.store import FORMAT, ShardWriter, sha256_file, shard_path, sidecar_path, store_schema, unit_stem
 from dlm.tokenizer import load_tokenizer, pin_threads, tokenizer_sha256
 
 from .inputs import InputError, ReadConfig, ReadCounts, file_size, read_documents

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dlm.data.store import atomic_write_json, open_shard, sha256_file, shard_path, sidecar_path
+from dlm.atomic import atomic_write_json
+from dlm.data.store import open_shard, sha256_file, shard_path, sidecar_path
 
 from .plan import load_plan
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from dlm.attention.layout import AttentionLayout
-from dlm.attention.varlen import check_half_precision, run_packed
+from dlm.attention.varlen import ampere_cuda_problem, check_half_precision, run_packed
 
 ARBITRARY_MASK = False
 
@@ -19,17 +19,12 @@ def _flash_varlen(q, k, v, cu, max_seqlen: int, causal: bool) -> torch.Tensor:
 
 
 def available(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"flash-attn runs on CUDA only (device is {device.type})"
+    if problem := ampere_cuda_problem(device, "flash-attn 2"):
+        return problem
     try:
         import flash_attn  # noqa: F401
     except ImportError as e:
         return f"the flash-attn package is not installed ({e})"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"flash-attn 2 needs compute capability >= 8.0, device has {major}.x"
     return None
 
 

@@ -57,6 +57,19 @@ def check_half_precision(q: torch.Tensor, backend: str) -> None:
         raise TypeError(f"attention backend {backend!r} needs fp16/bf16 q/k/v, got {q.dtype}; use 'flex' or 'sdpa' for fp32")
 
 
+def ampere_cuda_problem(device: torch.device, name: str) -> str | None:
+    """Why `name`'s flash kernels cannot run on `device` (not CUDA, or older than compute
+    capability 8.0), or None."""
+    if device.type != "cuda":
+        return f"{name} runs on CUDA only (device is {device.type})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"{name} needs compute capability >= 8.0, device has {major}.x"
+    return None
+
+
 def adapt(varlen_attn: Callable) -> VarlenFn:
     """Wrap torch's varlen_attn, whose keywords changed across releases: causality is
     `window_size=(-1, 0)` from torch 2.11 (`is_causal=True` in 2.10), and GQA needs
@@ -93,15 +106,10 @@ else:
 
 
 def available(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"PyTorch varlen attention runs on CUDA only (device is {device.type})"
+    if problem := ampere_cuda_problem(device, "PyTorch varlen attention"):
+        return problem
     if _TORCH_VARLEN is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"its flash kernels need compute capability >= 8.0, device has {major}.x"
     return None
 
 

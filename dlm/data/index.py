@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .store import ShardView, fsync_dir, open_shard, sidecar_path
+from dlm.atomic import fsync_dir, fsync_file, temp_name
+
+from .store import ShardView, open_shard, sidecar_path
 
 INDEX_VERSION = 1
 
@@ -115,14 +116,10 @@ def _build(store: Path, manifest: dict, out: Path) -> None:
         "doc_starts": np.concatenate(doc_starts + [np.asarray([total], dtype=np.int64)]),
     }
     for name, arr in arrays.items():
-        with open(out / f"{name}.npy", "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-    with open(out / "manifest.json", "w") as f:
-        json.dump(manifest, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+        np.save(out / f"{name}.npy", arr)
+        fsync_file(out / f"{name}.npy")
+    (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    fsync_file(out / "manifest.json")
 
 
 def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIndex:
@@ -142,7 +139,7 @@ def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIn
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds; the others wait here
             if not (final / "manifest.json").exists():
-                tmp = root / f"{fp}.tmp-{socket.gethostname()}-{os.getpid()}"
+                tmp = temp_name(final)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 if log:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from dlm.atomic import fsync_dir, temp_name
 
 FORMAT = "dlm-tokens-v1"
 META_FORMAT = b"dlm.format"
@@ -40,35 +41,6 @@ def shard_path(store: Path, unit: int) -> Path:
 
 def sidecar_path(store: Path, unit: int) -> Path:
     return Path(store) / f"{unit_stem(unit)}.json"
-
-
-def temp_name(path: Path) -> Path:
-    """Per-writer temp name: `<final>.tmp-<host>-<pid>`; never mistaken for a finished file."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file, fsync, rename, fsync the folder: a reader sees the old file or the new one."""
-    path = Path(path)
-    tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

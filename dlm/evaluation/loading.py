@@ -4,6 +4,8 @@ or a Hugging Face style folder."""
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,3 +71,12 @@ def special_ids(model, tok: Tokenizer) -> tuple[int | None, int | None]:
     bos = tok.bos_id if tok.bos_id is not None else model.config.bos_token_id
     eos = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
     return bos, eos
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a command-line `main` and exit with its status. Bad input (a missing file, a malformed
+    record, an unknown key) ends in one clear `error:` line instead of a traceback."""
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -245,18 +244,6 @@ def evaluate(model, tok, tasks: list[tuple[str, str]], cfg: EvalConfig, meta: di
         key = name if name not in results["tasks"] else f"{name}:{path}"
         results["tasks"][key] = evaluate_task(model, tok, name, path, cfg)
     return results
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file, fsync and rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def task_paths(specs: list[str]) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dlm.atomic import atomic_write, atomic_write_json
 from dlm.models import build_model
 from dlm.models.config import ModelConfig
 from dlm.models.mask_token import add_mask_token
@@ -302,22 +303,8 @@ def load_hf_model(
 # ---------------------------------------------------------------------------- export
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _fsync_replace(tmp, path)
-
-
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _fsync_replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -370,13 +357,13 @@ def save_hf_model(
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.add(INDEX_FILE)
     # drop weights of an earlier export so loaders cannot pick up a stale layout
     for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
         if stale.name not in written and stale.exists():
             stale.unlink()
-    _write_json(out / "config.json", config_to_hf(cfg, state["tok_embeddings.weight"].dtype))
+    atomic_write_json(out / "config.json", config_to_hf(cfg, state["tok_embeddings.weight"].dtype))
 
     if tokenizer_from is not None:
         src = Path(tokenizer_from)
@@ -384,7 +371,5 @@ def save_hf_model(
         if not found:
             raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy")
         for f in found:
-            tmp = out / (f.name + ".tmp")
-            shutil.copyfile(f, tmp)
-            _fsync_replace(tmp, out / f.name)
+            atomic_write(out / f.name, lambda tmp: shutil.copyfile(f, tmp))
     return out

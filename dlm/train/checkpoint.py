@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from dlm.atomic import atomic_write_text, fsync_dir
 from dlm.models import build_model
 from dlm.models.config import ModelConfig
 from dlm.train.log import logger
@@ -40,23 +41,6 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -121,10 +105,10 @@ class Checkpointer:
         save_file(_rng_state(), str(tmp / "rng" / f"rank_{self.rank:05d}.safetensors"))
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
-            _write_atomic(tmp / STATE_FILE, json.dumps({**state, "world_size": self.world_size}, indent=1))
+            atomic_write_text(tmp / STATE_FILE, json.dumps({**state, "world_size": self.world_size}, indent=1))
             os.replace(tmp, final)
-            _write_atomic(final / COMPLETE, f"step {step}\n")
-            _fsync_dir(self.folder)
+            atomic_write_text(final / COMPLETE, f"step {step}\n")
+            fsync_dir(self.folder)
             for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
                 shutil.rmtree(old)
             logger.info("checkpoint %s committed", final)

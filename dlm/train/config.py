@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dlm.atomic import atomic_write_text
 from dlm.models.config import ModelConfig
 
 
@@ -45,6 +46,7 @@ class DataSection:
     seq_len: int = 1024
     seed: int = 0
     num_workers: int = 0
+    heldout_fraction: float = 0.001  # tail of each store reserved for evaluation (never trained on)
     allow_changed_index: bool = False  # resume even if the data index fingerprint changed
 
 
@@ -331,10 +333,4 @@ def to_toml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Atomic write of the resolved config; it loads back with `load_config(path)`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(to_toml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, to_toml(cfg))

@@ -4,12 +4,12 @@ every `log_every` steps. Only rank 0 writes; the values it writes are already gl
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 
 import torch
 
+from dlm.atomic import atomic_write_text
 from dlm.train.log import logger
 
 # Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity).
@@ -57,12 +57,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         for line in f:
             if line.strip() and json.loads(line)["step"] <= last_step:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 class MetricsLogger:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlm.data.store import (FORMAT, ShardWriter, atomic_write_json, shard_path, sha256_file, sidecar_path,
-                            store_schema)
+from dlm.atomic import atomic_write_json
+from dlm.data.store import FORMAT, ShardWriter, shard_path, sha256_file, sidecar_path, store_schema
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny_cpu.toml"
