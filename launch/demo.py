@@ -157,8 +157,8 @@ def summary(label: str, results: dict[str, dict], train_info: dict, check: dict,
         "",
         f"| {'metric':<34} | {'AR original':>14} | {'diffusion (' + label + ')':>24} |",
         f"| {'-' * 34} | {'-' * 14} | {'-' * 24} |",
-        f"| {'held-out nats/token (NLL | ELBO)':<34} | {fmt(ar['heldout']):>14} | {fmt(dm['heldout']):>24} |",
-        f"| {'held-out perplexity (| bound)':<34} | {ar['heldout']['ppl_bound']:>14.1f} | {dm['heldout']['ppl_bound']:>24.1f} |",
+        f"| {'held-out nats/token (NLL / ELBO)':<34} | {fmt(ar['heldout']):>14} | {fmt(dm['heldout']):>24} |",
+        f"| {'held-out perplexity (/ bound)':<34} | {ar['heldout']['ppl_bound']:>14.1f} | {dm['heldout']['ppl_bound']:>24.1f} |",
     ]
     for name in ("hellaswag", "piqa"):
         n = dm[name]["n"]

@@ -1,4 +1,4 @@
-"""Suite-wide settings: CPU only, Triton kernels through the interpreter, few threads."""
+"""Suite-wide settings: CPU only, Triton kernels through the interpreter, at most two threads."""
 
 import os
 
@@ -6,4 +6,4 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import trito
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # CI has 2 cores; subprocess tests set their own

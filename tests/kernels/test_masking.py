@@ -6,13 +6,6 @@ import torch
 
 from kernels.masking import mask_tokens, philox4x32
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Random123 known-answer tests for philox4x32_10: (counter, key) -> output
