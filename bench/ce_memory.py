@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dlm.atomic import atomic_write_text  # noqa: E402
-from kernels.masked_ce import chunk_rows_for, masked_cross_entropy  # noqa: E402
+from kernels.masked_ce import DEFAULT_MEMORY_BUDGET, chunk_rows_for, masked_cross_entropy  # noqa: E402
 
 VARIANTS = ("naive", "fused")
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     naive, fused = res["naive"], res["fused"]
     mem_ratio = fused["peak_extra_bytes"] / naive["peak_extra_bytes"]
     time_ratio = fused["time_s"] / naive["time_s"]
-    chunk = chunk_rows_for(args.vocab, getattr(torch, args.dtype), 128 * 2**20)
+    chunk = chunk_rows_for(args.vocab, getattr(torch, args.dtype), DEFAULT_MEMORY_BUDGET)
     print(f"masked CE fwd+bwd on CPU: N={args.rows} V={args.vocab} H={args.hidden} {args.dtype}, "
           f"{naive['threads']} threads, fused chunk {chunk} rows")
     print(f"{'variant':8s} {'time s':>9s} {'peak extra MiB':>15s}")

@@ -58,15 +58,14 @@ class Sizes:
     attn_check: tuple[int, int, int, int, int]  # B, H, Hkv, L, head_dim
     attn_bench: tuple[int, int, int]  # B, L, model dim
     model: str
-    vocab_pad: int
     train_batch: tuple[int, int]  # B, L
     warmup: int
     iters: int
 
 
 FULL = Sizes((1000, 512, 32064), (16384, 2048, 32064), (64, 2048), (2, 8, 2, 512, 64), (8, 2048, 2048),
-             "tinyllama-1.1b", 64, (4, 2048), 2, 5)
-DRY = Sizes((37, 32, 1031), (64, 32, 512), (3, 100), (2, 4, 2, 48, 16), (2, 64, 128), "tiny-llama", 64, (2, 64), 1, 1)
+             "tinyllama-1.1b", (4, 2048), 2, 5)
+DRY = Sizes((37, 32, 1031), (64, 32, 512), (3, 100), (2, 4, 2, 48, 16), (2, 64, 128), "tiny-llama", (2, 64), 1, 1)
 
 
 class Report:
@@ -313,12 +312,13 @@ def bench_attention(rep: Report, device: torch.device, sizes: Sizes) -> None:
 
 # ---------------------------------------------------------------------------------------- (d)
 def bench_training(rep: Report, device: torch.device, sizes: Sizes, compile_modes: list[bool], deadline: float) -> None:
-    from dlm.diffusion import DiffusionConfig, diffusion_loss, noise_batch
-    from dlm.models import build_model, preset
+    from dlm.diffusion import DiffusionConfig
+    from dlm.models import preset
+    from dlm.models.mask_token import padded_vocab
     from dlm.train.metrics import peak_flops
 
     base = preset(sizes.model)
-    vocab = -(-(base.vocab_size + 1) // sizes.vocab_pad) * sizes.vocab_pad
+    vocab = padded_vocab(base.vocab_size + 1)  # with an appended [MASK], as add_mask_token pads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     B, L = sizes.train_batch
     dcfg = DiffusionConfig(mask_token_id=base.vocab_size)
@@ -336,8 +336,7 @@ def bench_training(rep: Report, device: torch.device, sizes: Sizes, compile_mode
             rep.add("d", label, "skipped: out of time budget", "skip")
             continue
         try:
-            _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fused, comp, peak,
-                          diffusion_loss, noise_batch, build_model)
+            _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fused, comp, peak)
         except Exception as e:  # report and continue with the next configuration
             rep.add("d", label, f"crashed: {type(e).__name__}: {str(e)[:200]}", "FAIL", traceback=traceback.format_exc())
         finally:
@@ -345,8 +344,9 @@ def bench_training(rep: Report, device: torch.device, sizes: Sizes, compile_mode
                 torch.cuda.empty_cache()
 
 
-def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fused, comp, peak,
-                  diffusion_loss, noise_batch, build_model) -> None:
+def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fused, comp, peak) -> None:
+    from dlm.diffusion import diffusion_loss, noise_batch
+    from dlm.models import build_model
     from dlm.train.parallelize import apply_compile
 
     cfg = base.replace(vocab_size=vocab, mask_token_id=base.vocab_size, base_vocab_size=base.vocab_size,

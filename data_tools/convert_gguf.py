@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.fetch_demo_assets import publish_dir, sha256_file
+from data_tools.fetch_demo_assets import read_marker, staged_dir
+from dlm.data.store import sha256_file
 
 # GGUF tensor name (after "blk.N.") -> HF LlamaForCausalLM name (after "model.layers.N.")
 _BLOCK_KEYS = {
@@ -232,12 +230,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = F
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     digest = sha256_file(gguf_path)
-    marker = out_dir / "conversion.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("sha256") == digest:
-            print(f"[convert] {out_dir} already holds the conversion of {gguf_path.name}", flush=True)
-            return out_dir
+    if read_marker(out_dir / "conversion.json", "sha256", digest) is not None:
+        print(f"[convert] {out_dir} already holds the conversion of {gguf_path.name}", flush=True)
+        return out_dir
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not a conversion of {gguf_path}; pass --overwrite to replace it")
     g = GGUFFile(gguf_path)
@@ -247,20 +242,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = F
         raise ValueError(f"{gguf_path}: tokenizer has {tok.get_vocab_size()} tokens, model {cfg['vocab_size']}")
     state = hf_state_dict(g, cfg)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with staged_dir(out_dir) as tmp:
         _write_json(tmp / "config.json", cfg)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(g, cfg))
         _write_json(tmp / "conversion.json", {"source": str(gguf_path.resolve()), "sha256": digest})
-        publish_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(v.size for v in state.values())
     print(f"[convert] {gguf_path.name} -> {out_dir} ({n / 1e6:.1f}M parameters, {len(state)} tensors)", flush=True)
     return out_dir

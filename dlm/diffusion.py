@@ -110,7 +110,7 @@ def crop_lengths(sample_ids: torch.Tensor, seq_len: int, cfg: DiffusionConfig) -
     return torch.where(cut, 2 + torch.remainder(r1, seq_len - 1), full)
 
 
-def _eligible(position_ids: torch.Tensor, maskable: torch.Tensor | None) -> torch.Tensor:
+def eligible_tokens(position_ids: torch.Tensor, maskable: torch.Tensor | None) -> torch.Tensor:
     """Loss-eligible tokens: maskable and not a document start (index 0 always starts one)."""
     eligible = position_ids != 0
     eligible[:, 0] = False
@@ -177,7 +177,7 @@ def noise_batch(batch: dict, step: int, cfg: DiffusionConfig, global_batch_size:
     # a cropped tail becomes its own padding segment (positions restart), so it is invisible to
     # the kept prefix, and it is never masked nor scored
     pos = torch.where(tail, cols - (~tail).sum(1, keepdim=True), pos)
-    eligible = _eligible(pos, maskable) & ~tail
+    eligible = eligible_tokens(pos, maskable) & ~tail
     t = sample_t(sids, global_batch_size, step, cfg).to(ids.device)
     noisy, masked, weights = mask_tokens(ids, eligible, t, sids.to(ids.device), cfg.seed, cfg.mask_token_id)
     return NoisedBatch(noisy, ids, masked, weights, eligible, pos, t, step, cfg)
@@ -255,7 +255,7 @@ def heldout_elbo(model: nn.Module, batch: dict, num_samples: int = 8, seed: int 
         raise ValueError("heldout_elbo needs a model whose config has a mask_token_id")
     ids, pos, sids, maskable = _check_batch(batch)
     B = ids.shape[0]
-    eligible = _eligible(pos, maskable)
+    eligible = eligible_tokens(pos, maskable)
     layout = AttentionLayout.from_position_ids(pos)
     total = torch.zeros(B, dtype=torch.float64, device=ids.device)
     for k in range(num_samples):

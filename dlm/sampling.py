@@ -189,7 +189,9 @@ def generate(
     masked = torch.zeros(B, L, dtype=torch.bool, device=device)
     for b in range(B):
         masked[b, starts[b] : starts[b] + lens[b]] = True
-    eos_rows = torch.tensor([cfg.eos_fill and eos_id is not None and not r.suffix for r in requests], device=device)
+    fill_rows = [cfg.eos_fill and eos_id is not None and not r.suffix for r in requests]
+    eos_fill = any(fill_rows)  # a host bool, so the loop does not sync on it every step
+    eos_rows = torch.tensor(fill_rows, device=device)
     answer = masked.clone()
 
     # per step and row: the active window [lo, hi) and the steps left in its block
@@ -233,7 +235,7 @@ def generate(
             new[r, c] = tokens
             ids = torch.where(commit, new, ids)
             masked &= ~commit
-        if eos_rows.any():
+        if eos_fill:
             is_eos = answer & ~masked & (ids == eos_id) & eos_rows[:, None]
             after = is_eos.long().cumsum(dim=1) > 0
             fill = after & masked

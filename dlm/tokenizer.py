@@ -152,22 +152,24 @@ def _special_id(tok, config: dict, key: str, names: Sequence[str]) -> int | None
     return None
 
 
-def _load_tokenizer_json(path: Path) -> HFTokenizer:
+def _load_tokenizer_json(files: list[Path]) -> HFTokenizer:
     from tokenizers import Tokenizer as HFTok
 
+    path = files[0]
     try:
         tok = HFTok.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on parse errors
         raise ValueError(f"{path}: not a readable Hugging Face tokenizer.json ({e})") from e
-    cfg_file = path.parent / "tokenizer_config.json"
-    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    try:
+        config = json.loads(files[1].read_text()) if len(files) > 1 else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{files[1]}: unreadable tokenizer_config.json ({e})") from e
     bos = _special_id(tok, config, "bos_token", _BOS_NAMES)
     eos = _special_id(tok, config, "eos_token", _EOS_NAMES)
     if "add_bos_token" in config:
         add_bos = bool(config["add_bos_token"]) and bos is not None
     else:  # the post-processor decides, as it does for the HF model
         add_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    files = [path] + ([cfg_file] if cfg_file.is_file() else [])
     return HFTokenizer(tok, "hf", str(path), files, bos, eos, add_bos)
 
 
@@ -191,7 +193,8 @@ def _first(folder: Path, names: Sequence[str]) -> Path | None:
 
 def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, list[Path]]:
     """(kind, files) of a tokenizer path without parsing it: "sentencepiece" [model],
-    "hf" [tokenizer.json], "gpt2" [vocab, merges]."""
+    "hf" [tokenizer.json, tokenizer_config.json if present], "gpt2" [vocab, merges].
+    The files are what `Tokenizer.sha256` hashes."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"tokenizer path {p} does not exist (expected a SentencePiece .model, "
@@ -214,17 +217,15 @@ def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, list[Path]]:
                                     f"merges.txt/vocab.bpe in {p.parent}")
         return "gpt2", [vocab, merges]
     if p.suffix == ".json":
-        return "hf", [p]
+        cfg = p.parent / "tokenizer_config.json"
+        return "hf", [p] + ([cfg] if cfg.is_file() else [])
     # SentencePiece files carry any extension (`tokenizer.model.v1`); the parser decides
     return "sentencepiece", [p]
 
 
 def tokenizer_sha256(path: str | os.PathLike) -> str:
     """The sha256 `load_tokenizer(path).sha256` would report, without parsing the files."""
-    kind, files = resolve_tokenizer(path)
-    if kind == "hf" and (files[0].parent / "tokenizer_config.json").is_file():
-        files.append(files[0].parent / "tokenizer_config.json")
-    return _sha256(files)
+    return _sha256(resolve_tokenizer(path)[1])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -234,5 +235,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if kind == "gpt2":
         return _load_gpt2(*files)
     if kind == "hf":
-        return _load_tokenizer_json(files[0])
+        return _load_tokenizer_json(files)
     return SentencePieceTokenizer(files[0])

@@ -116,8 +116,10 @@ def generate(model: Path, out: Path, tokenizer: Path) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
-def evaluate(model: Path, out: Path, tasks: dict[str, Path], tokenizer: Path, heldout_fraction: float,
+def evaluate(model: Path, folder: Path, tasks: dict[str, Path], tokenizer: Path, heldout_fraction: float,
              ar: bool, limit: int, num_samples: int) -> dict:
+    """Results are cached under a name holding the settings, so a rerun with others re-scores."""
+    out = folder / f"eval_{'ar' if ar else 'diffusion'}_n{limit}_k{num_samples}.json"
     if not out.is_file():
         cmd = [sys.executable, "launch/evaluate.py", str(model), "--tokenizer", str(tokenizer),
                "--limit", str(limit), "--num-samples", str(num_samples), "--seq-len", "128",
@@ -209,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     tasks = {"heldout": store, "hellaswag": assets.hf_datasets / "hellaswag" / "none" / "validation",
              "piqa": assets.hf_datasets / "piqa" / "plain_text" / "validation"}
     results = {
-        "diffusion": evaluate(run_dir, run_dir / "eval_diffusion.json", tasks, tokenizer, heldout_fraction,
+        "diffusion": evaluate(run_dir, run_dir, tasks, tokenizer, heldout_fraction,
                               ar=False, limit=args.limit, num_samples=args.num_samples),
-        "ar": evaluate(hf, args.runs / "eval_ar_original.json", tasks, tokenizer, heldout_fraction,
+        "ar": evaluate(hf, args.runs, tasks, tokenizer, heldout_fraction,
                        ar=True, limit=args.limit, num_samples=args.num_samples),
     }
     info = train_summary(run_dir)

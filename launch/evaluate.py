@@ -26,20 +26,15 @@ if __package__ in (None, ""):  # `python launch/evaluate.py` from a checkout
 import torch
 
 from dlm.atomic import atomic_write_text
-from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, run_main
+from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, run_main, train_state
 from dlm.evaluation.runner import EvalConfig, evaluate, task_paths
 from dlm.sampling import ORDERS
 
 
 def _train_seq_len(model_path: str) -> int | None:
     """The training run's sequence length, when MODEL is a training checkpoint."""
-    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
-
-    p = Path(model_path)
-    if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
-        return None
-    state = json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
-    return state.get("train_config", {}).get("data", {}).get("seq_len")
+    state = train_state(model_path)
+    return None if state is None else state.get("train_config", {}).get("data", {}).get("seq_len")
 
 
 def main(argv: list[str] | None = None) -> int:

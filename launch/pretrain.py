@@ -10,6 +10,7 @@ SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0 (SLURM 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -22,9 +23,11 @@ if __package__ in (None, ""):  # `torchrun launch/pretrain.py` from a source che
 import torch
 import torch.distributed as dist
 
+from dlm.atomic import atomic_write_text
 from dlm.data import DataState, PackedDataset, SourceSpec, StepLoader, check_resume
 from dlm.diffusion import DiffusionConfig, diffusion_loss, noise_batch
 from dlm.models import build_model
+from dlm.tokenizer import load_tokenizer
 from dlm.train.checkpoint import Checkpointer, export_checkpoint, resolve_checkpoint
 from dlm.train.config import TrainConfig, check_world, load_config, save_config
 from dlm.train.log import logger, setup_logging
@@ -58,14 +61,12 @@ def build_model_sharded(cfg: TrainConfig, env, source) -> torch.nn.Module:
     return model
 
 
-def sample_text(model, cfg: TrainConfig, step: int, metrics: MetricsLogger) -> None:
+def sample_text(model, tok, cfg: TrainConfig, step: int, metrics: MetricsLogger) -> None:
     """Generated text to TensorBoard. Every rank runs the sampler (FSDP gathers parameters
-    collectively); rank 0 writes. dlm.sampling.generate was checked at config validation."""
+    collectively); rank 0 writes."""
     from dlm.sampling import Request, SamplingConfig, generate
-    from dlm.tokenizer import load_tokenizer
 
     m = cfg.metrics
-    tok = load_tokenizer(m.sample_tokenizer)
     text = tok.encode(m.sample_prompt) if m.sample_prompt else []
     bos = [tok.bos_id] if text and tok.add_bos and tok.bos_id is not None else []
     (sample,) = generate(model, [Request(bos + text)], SamplingConfig(steps=m.sample_steps, length=m.sample_length, seed=step))
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = MetricsLogger(run_dir, env.rank, step, cfg.metrics.log_every, cfg.metrics.tensorboard)
     peak = peak_flops(env.device, cfg.metrics.peak_tflops)
+    sample_tok = load_tokenizer(cfg.metrics.sample_tokenizer) if cfg.metrics.sample_every else None
     flops_per_token = model.flops_per_token(L)
     batches = iter(loader)
 
@@ -146,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         # normaliser: loss-eligible (or masked) tokens of the whole global batch
         counts = torch.stack([sum(nb.norm_count for nb in noised), sum(nb.n_eligible for nb in noised)]).double()
         dist.all_reduce(counts)
+        normalizer = counts[0].float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         elbo_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         for j, nb in enumerate(noised):
             model.set_requires_gradient_sync(j == n_micro - 1)  # reduce-scatter once per step
-            out = diffusion_loss(model, nb, counts[0].float(), step=step)
+            out = diffusion_loss(model, nb, normalizer, step=step)
             out.loss.backward()
             loss_sum += out.loss.detach().double()
             elbo_sum += out.elbo_sum.double()
@@ -161,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         every = [torch.empty_like(mine) for _ in range(env.world_size)]
         dist.all_gather(every, mine)
         every = torch.stack(every).cpu()
+        grad_norm = grad_norm.item()
         bad = [r for r in range(env.world_size) if not torch.isfinite(every[r, :2]).all()]
         if bad:
             raise FloatingPointError(f"non-finite loss at step {step + 1} on rank(s) {bad} (this is rank {env.rank})")
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at step {step + 1} (rank {env.rank})")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step + 1} (rank {env.rank})")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": every[:, 0].sum().item(),
             "elbo": every[:, 1].sum().item() / n_el,
             "lr": lr,
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "tokens_per_s_per_device": tps,
             "mfu": None if peak is None else tps * flops_per_token / peak,
             "step_time_s": dt,
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "consumed_samples": loader.state().consumed_samples,
         })
         if cfg.metrics.sample_every and step % cfg.metrics.sample_every == 0:
-            sample_text(model, cfg, step, metrics)
+            sample_text(model, sample_tok, cfg, step, metrics)
 
         stopping = bool(every[:, 2].any())
         interval = cfg.checkpoint.interval
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             if cfg.checkpoint.export_at_end:
                 logger.info("exported %s", export_checkpoint(ckpt.latest(), run_dir / "export"))
-            (run_dir / "DONE").write_text(f"step {step}\n")  # tells the SLURM script not to requeue
+            atomic_write_text(run_dir / "DONE", f"step {step}\n")  # tells the SLURM script not to requeue
         dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dlm.data.store import DEFAULT_BATCH_TOKENS
+
 from .inputs import BAD_RECORD_POLICIES, InputError
 from .plan import make_plan, write_plan
 from .run import run
@@ -36,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--exclude-set", action="append", default=[], help="drop these meta.redpajama_set_name")
     pl.add_argument("--files-per-unit", type=int, default=8, help="JSON-lines/text files per unit (parquet: 1)")
     pl.add_argument("--num-tasks", type=int, default=1, help="array tasks that will share the units")
-    pl.add_argument("--batch-tokens", type=int, default=None, help="tokens per Arrow record batch (default 4Mi)")
+    pl.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                    help="tokens per Arrow record batch (default %(default)s)")
     pl.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error")
     rn = sub.add_parser("run", help="tokenize the units of one task (default: SLURM_ARRAY_TASK_ID, else all)")
     rn.add_argument("store", type=Path)
@@ -54,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "plan":
-            kw = {} if args.batch_tokens is None else {"batch_tokens": args.batch_tokens}
             plan, ignored = make_plan(args.inputs, args.tokenizer, text_field=args.text_field,
                                       include_sets=args.include_set, exclude_sets=args.exclude_set,
                                       files_per_unit=args.files_per_unit, num_tasks=args.num_tasks,
-                                      on_bad_record=args.on_bad_record, **kw)
+                                      batch_tokens=args.batch_tokens, on_bad_record=args.on_bad_record)
             new = write_plan(args.output, plan)
             n_files = sum(len(u["files"]) for u in plan["units"])
             print(f"[tokenize_fineweb] {'wrote' if new else 'kept identical'} {args.output / 'plan.json'}: "

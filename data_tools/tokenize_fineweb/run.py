@@ -69,13 +69,10 @@ def _init_worker(progress_queue) -> None:
 
 
 def _tokenizer(plan: dict):
-    facts = plan["tokenizer"]
-    tok = _WORKER.get("tokenizer")
-    if tok is None:
-        if tokenizer_sha256(facts["path"]) != facts["sha256"]:
-            raise InputError(f"{facts['path']}: tokenizer sha256 differs from the plan's {facts['sha256']}")
-        tok = _WORKER["tokenizer"] = load_tokenizer(facts["path"])
-    return tok
+    """The worker's tokenizer, loaded once (`run` checked its sha256 against the plan)."""
+    if "tokenizer" not in _WORKER:
+        _WORKER["tokenizer"] = load_tokenizer(plan["tokenizer"]["path"])
+    return _WORKER["tokenizer"]
 
 
 def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +190,7 @@ def run(store: Path, task_id: int | None = None, num_tasks: int | None = None, w
         f"{len(todo)} to do; {removed} stale temp files removed")
     if todo and tokenizer_sha256(plan["tokenizer"]["path"]) != plan["tokenizer"]["sha256"]:
         raise InputError(f"{plan['tokenizer']['path']}: tokenizer sha256 differs from the plan's "
-                         f"(the tokenizer changed after `plan`)")
+                         f"{plan['tokenizer']['sha256']} (the tokenizer changed after `plan`)")
     workers = min(workers or _affinity(), max(len(todo), 1))
     t0 = time.monotonic()
     bar = _Progress(len(todo), progress)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from dlm.atomic import atomic_write_json
+from dlm.data.index import load_json
 from dlm.data.store import open_shard, sha256_file, shard_path, sidecar_path
 
 from .plan import load_plan
@@ -17,7 +18,7 @@ def _check_unit(store: Path, plan: dict, u: int, check_hash: bool, hist: np.ndar
     side_path, path = sidecar_path(store, u), shard_path(store, u)
     if not side_path.exists():
         return None, [f"unit {u}: not done ({side_path.name} missing)"]
-    side = json.loads(side_path.read_text())
+    side = load_json(side_path, "unit sidecar")
     problems = []
     try:
         view = open_shard(path)
@@ -68,10 +69,9 @@ def verify(store: Path, check_hash: bool = True, log=print) -> dict:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{store}: {len(problems)} problem(s):\n  {shown}{more}")
     tokens = sum(s["tokens"] for s in sides)
-    skipped: dict[str, int] = {}
+    skipped = Counter()
     for s in sides:
-        for k, v in s["skipped"].items():
-            skipped[k] = skipped.get(k, 0) + v
+        skipped.update(s["skipped"])
     top = int(np.nonzero(hist)[0].max()) + 1 if hist.any() else 0
     stats = {
         "units": len(sides),

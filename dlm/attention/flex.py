@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from dlm.attention.layout import _K_K, _K_Q, _MASK32, AttentionLayout, _mix32
+from dlm.attention.layout import AttentionLayout, future_open
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -45,9 +45,7 @@ def mask_mod(layout: AttentionLayout):
     threshold = torch.tensor(layout.anneal.threshold, dtype=torch.int64, device=doc.device)
 
     def annealed(b, h, q, k):
-        # same hash as AnnealMask.future_open (the dense reference the tests compare against)
-        hashed = _mix32((q.to(torch.int64) * _K_Q + k.to(torch.int64) * _K_K + key) & _MASK32)
-        return (doc[b, q] == doc[b, k]) & ((k <= q) | (hashed < threshold))
+        return (doc[b, q] == doc[b, k]) & ((k <= q) | future_open(q, k, key, threshold))
 
     return annealed
 

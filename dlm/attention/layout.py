@@ -6,7 +6,7 @@ so a collated batch needs no extra structure; `cu_seqlens` is precomputed for va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,13 +16,21 @@ _K_SEED, _K_Q, _K_K = 0x2545F491, 0x6C8E9CF5, 0x3C6EF372
 _M1, _M2 = 0x7FEB352D, 0x046CA68B
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (xorshift-multiply) on int64 tensors holding values < 2**32."""
+def _mix32(h):
+    """A 32-bit integer finaliser (xorshift-multiply) on Python ints or int64 tensors < 2**32."""
     h = h ^ (h >> 16)
     h = (h * _M1) & _MASK32
     h = h ^ (h >> 15)
     h = (h * _M2) & _MASK32
     return h ^ (h >> 16)
+
+
+def future_open(q_idx: torch.Tensor, k_idx: torch.Tensor, key, threshold) -> torch.Tensor:
+    """The annealing draw of entry (q, k): open iff hash(key, q, k) < threshold. Pure tensor ops;
+    key/threshold may be ints or 0-d tensors (FlexAttention passes tensors so that a new step
+    does not recompile its kernel)."""
+    h = (q_idx.to(torch.int64) * _K_Q + k_idx.to(torch.int64) * _K_K + key) & _MASK32
+    return _mix32(h) < threshold
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ class AnnealMask:
 
     @property
     def key(self) -> int:
-        return int(_mix32(torch.tensor(((self.seed * _K_SEED) ^ (self.step + 0x9E37)) & _MASK32)).item())
+        return _mix32(((self.seed * _K_SEED) ^ (self.step + 0x9E37)) & _MASK32)
 
     @property
     def threshold(self) -> int:
@@ -45,9 +53,8 @@ class AnnealMask:
         return min(1 << 32, max(0, int(self.p * (1 << 32))))
 
     def future_open(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        """Whether future entry (q, k) is open; pure tensor ops so FlexAttention can trace it."""
-        h = (q_idx.to(torch.int64) * _K_Q + k_idx.to(torch.int64) * _K_K + self.key) & _MASK32
-        return _mix32(h) < self.threshold
+        """Whether future entry (q, k) is open."""
+        return future_open(q_idx, k_idx, self.key, self.threshold)
 
     @staticmethod
     def schedule(seed: int, step: int, anneal_steps: int) -> "AnnealMask | None":
@@ -74,6 +81,7 @@ class AttentionLayout:
     max_seqlen: int
     causal: bool = False
     anneal: AnnealMask | None = None
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @staticmethod
     def from_position_ids(
@@ -119,7 +127,13 @@ class AttentionLayout:
         return same_doc & ((k <= q) | self.anneal.future_open(q, k))
 
     def dense_mask(self) -> torch.Tensor:
-        """[B, 1, L, L] boolean mask (True = attend): the reference every backend is checked against."""
+        """[B, 1, L, L] boolean mask (True = attend): the reference every backend is checked against.
+        Built once per layout, since every layer of a forward pass shares it."""
+        if self._dense is None:
+            self._dense = self._build_dense_mask()
+        return self._dense
+
+    def _build_dense_mask(self) -> torch.Tensor:
         B, L = self.doc_ids.shape
         dev = self.doc_ids.device
         b = torch.arange(B, device=dev)[:, None, None]

@@ -11,8 +11,6 @@ from __future__ import annotations
 from fractions import Fraction
 from math import gcd, lcm
 
-import numpy as np
-
 MAX_PERIOD = 1 << 20
 
 
@@ -39,18 +37,16 @@ class Blend:
         self.weights = integer_weights(list(weights))
         self.period = P = sum(self.weights)
         counts = [0] * len(self.weights)
-        source = np.empty(P, dtype=np.int64)
-        rank = np.empty(P, dtype=np.int64)
+        self._src: list[int] = []  # over one period: the source of sample r and its rank there
+        self._rank: list[int] = []
         for k in range(P):
             lag = [w * (k + 1) - P * c for w, c in zip(self.weights, counts)]
             i = lag.index(max(lag))
-            source[k], rank[k] = i, counts[i]
+            self._src.append(i)
+            self._rank.append(counts[i])
             counts[i] += 1
         if counts != self.weights:  # the greedy rule realises the weights exactly over one period
             raise AssertionError(f"blending period broken for weights {self.weights}: {counts}")
-        self.source, self.rank = source, rank
-        self._src = source.tolist()
-        self._rank = rank.tolist()
 
     def locate(self, k: int) -> tuple[int, int]:
         p, r = divmod(k, self.period)

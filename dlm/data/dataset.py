@@ -43,8 +43,7 @@ class _Source:
 
     def __init__(self, index: SourceIndex, lo: int, hi: int):
         self.index, self.lo, self.hi = index, lo, hi
-        self.batch_starts = np.asarray(index.batch_starts).view(np.ndarray)
-        self.doc_starts = index.doc_starts.view(np.ndarray)  # plain view of the memory map: fast slicing
+        self.batch_starts, self.doc_starts = index.batch_starts, index.doc_starts
         self._views: list[np.ndarray | None] = [None] * (len(self.batch_starts) - 1)
 
     def num_windows(self, seq_len: int) -> int:

@@ -25,7 +25,7 @@ from .store import ShardView, open_shard, sidecar_path
 INDEX_VERSION = 1
 
 
-def _load_json(path: Path, what: str) -> dict:
+def load_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -37,7 +37,7 @@ def _load_json(path: Path, what: str) -> dict:
 def store_manifest(store: Path) -> dict:
     """The inputs an index depends on, from plan.json and the sidecars; refuses an unfinished store."""
     store = Path(store)
-    plan = _load_json(store / "plan.json", "token store plan; is this a tokenize_fineweb output folder?")
+    plan = load_json(store / "plan.json", "token store plan; is this a tokenize_fineweb output folder?")
     units = range(len(plan["units"]))
     missing = [u for u in units if not sidecar_path(store, u).exists()]
     if missing:
@@ -45,7 +45,7 @@ def store_manifest(store: Path) -> dict:
                          f"(first: {sidecar_path(store, missing[0]).name} missing); run `tokenize_fineweb run {store}`")
     shards = []
     for u in units:
-        side = _load_json(sidecar_path(store, u), "unit sidecar")
+        side = load_json(sidecar_path(store, u), "unit sidecar")
         shards.append({k: side[k] for k in ("file", "bytes", "sha256", "tokens", "documents")})
     return {"version": INDEX_VERSION, "tokenizer": plan["tokenizer"], "dtype": plan["dtype"], "shards": shards}
 
@@ -152,7 +152,7 @@ def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIn
                         raise
                     shutil.rmtree(tmp, ignore_errors=True)
                 fsync_dir(root)
-    arrays = {n: np.load(final / f"{n}.npy", mmap_mode="r") for n in ("batch_starts", "batch_shard", "batch_local",
-                                                                     "doc_starts")}
-    return SourceIndex(store, fp, manifest, np.asarray(arrays["batch_starts"]), np.asarray(arrays["batch_shard"]),
-                       np.asarray(arrays["batch_local"]), arrays["doc_starts"])
+    # plain ndarray views of the memory maps: np.memmap slicing is slow on the per-sample path
+    arrays = {n: np.load(final / f"{n}.npy", mmap_mode="r").view(np.ndarray)
+              for n in ("batch_starts", "batch_shard", "batch_local", "doc_starts")}
+    return SourceIndex(store, fp, manifest, **arrays)

@@ -90,19 +90,16 @@ class StepLoader:
             raise ValueError(f"rank {rank} outside [0, {W})")
         self.dataset, self.G, self.b, self.rank, self.world = dataset, G, b, rank, W
         self.start, self.steps = int(consumed_samples), 0
-        self.micro = _RankMicroBatches(dataset, self.start, G, W, rank, b)
+        self.micro_per_step = G // (W * b)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
 
-    @property
-    def micro_per_step(self) -> int:
-        return self.micro.n_micro
-
     def _micro_batches(self) -> Iterator[dict]:
+        """Micro-batches from the current position on (a new iteration resumes where the last stopped)."""
+        micro = _RankMicroBatches(self.dataset, self.consumed_samples, self.G, self.world, self.rank, self.b)
         if self.num_workers == 0:
-            return (self.micro[i] for i in itertools.count(self.steps * self.micro_per_step))
-        resume = type(self.micro)(self.dataset, self.start + self.steps * self.G, self.G, self.world, self.rank, self.b)
+            return map(micro.__getitem__, itertools.count())
         return iter(torch.utils.data.DataLoader(
-            resume, batch_size=None, sampler=_Count(), num_workers=self.num_workers, pin_memory=self.pin_memory,
+            micro, batch_size=None, sampler=_Count(), num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor, persistent_workers=False))
 
     def __iter__(self) -> Iterator[list[dict]]:

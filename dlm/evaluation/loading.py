@@ -36,14 +36,21 @@ def load_model(path: str, ar: bool = False, device: str = "cpu", dtype: str = "f
     return model.eval()
 
 
+def train_state(path: str | Path) -> dict | None:
+    """The trainer state of a training checkpoint (a run folder: its newest complete one);
+    None for a Hugging Face style folder."""
+    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
+
+    p = Path(path)
+    return None if _is_hf_folder(p) else json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
+
+
 def _tokenizer_candidates(path: Path) -> list[str]:
     """Where a model folder's tokenizer may be: the folder itself (HF exports copy it), else what
     the training run recorded (its init folder, the sample tokenizer, the data store's tokenizer)."""
-    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
-
-    if _is_hf_folder(path):
+    state = train_state(path)
+    if state is None:
         return [str(path)]
-    state = json.loads((resolve_checkpoint(path) / STATE_FILE).read_text())
     cfg = state.get("train_config", {})
     found = [state.get("tokenizer_from"), cfg.get("metrics", {}).get("sample_tokenizer")]
     for store in cfg.get("data", {}).get("paths", []):

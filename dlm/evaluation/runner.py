@@ -183,7 +183,7 @@ def eval_heldout(model, path: str, cfg: EvalConfig) -> tuple[int, dict]:
     (every token but document starts)."""
     from dlm.attention.layout import AttentionLayout
     from dlm.data import PackedDataset, SourceSpec
-    from dlm.diffusion import heldout_elbo
+    from dlm.diffusion import eligible_tokens, heldout_elbo
     from dlm.sampling import logits_at
 
     if cfg.seq_len > model.config.max_seq_len:
@@ -199,8 +199,7 @@ def eval_heldout(model, path: str, cfg: EvalConfig) -> tuple[int, dict]:
         batch = {k: rows[k].to(device) for k in ("input_ids", "position_ids", "sample_ids")}
         if cfg.ar:
             ids, pos = batch["input_ids"], batch["position_ids"]
-            eligible = pos != 0
-            eligible[:, 0] = False
+            eligible = eligible_tokens(pos, None)  # the tokens heldout_elbo scores
             r, c = eligible.nonzero(as_tuple=True)
             logits = logits_at(model, ids, AttentionLayout.from_position_ids(pos, causal=True), r, c - 1)
             logits[:, model.config.base_vocab_size :] = float("-inf")

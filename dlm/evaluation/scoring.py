@@ -130,6 +130,7 @@ def ar_generate(
     """Greedy AR continuation of each prompt (full recompute per token: the models keep no cache),
     stopping at EOS (not included) or after max_new tokens."""
     cfg = model.config
+    device = model.output_weight().device
     out: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="ar generate", disable=not progress, dynamic_ncols=True):
         rows = [list(p) for p in prompts[start : start + batch_size]]
@@ -141,7 +142,6 @@ def ar_generate(
             inputs = [rows[b] + gen[b] for b in live]
             if max(len(x) for x in inputs) > cfg.max_seq_len:
                 raise ValueError(f"AR generation would exceed the model's max_seq_len {cfg.max_seq_len}")
-            device = model.output_weight().device
             ids, pos = pad_rows(inputs, device=device)
             layout = AttentionLayout.from_position_ids(pos, causal=True)
             r = torch.arange(len(inputs), device=device)

@@ -134,6 +134,8 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------- parsing and type checking
 
+_SCALARS = {bool: "true/false", int: "an integer", str: "a string"}  # what a mismatch message expects
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to the annotated type `tp`, or raise naming `where`."""
     origin = typing.get_origin(tp)
@@ -163,31 +165,19 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp in _SCALARS:
+        if type(value) is not tp:  # exact type: TOML's true is not an integer
+            raise ConfigError(f"{where}: expected {_SCALARS[tp]}, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if type(value) not in (int, float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
-def _section_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _build(raw: dict, source: str) -> TrainConfig:
-    sections = _section_types(TrainConfig)
+    sections = typing.get_type_hints(TrainConfig)
     unknown = set(raw) - set(sections)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
@@ -196,7 +186,7 @@ def _build(raw: dict, source: str) -> TrainConfig:
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        hints = _section_types(cls)
+        hints = typing.get_type_hints(cls)
         bad = set(values) - set(hints)
         if bad:
             raise ConfigError(f"{source}: unknown key(s) {sorted(f'{name}.{k}' for k in bad)}")
@@ -283,15 +273,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("parallel.selective_every must be >= 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
-    if cfg.metrics.sample_every > 0:
-        try:
-            import dlm.sampling as sampling
-        except ImportError:
-            raise ConfigError("metrics.sample_every > 0 needs dlm.sampling, which is not available") from None
-        if not hasattr(sampling, "generate"):
-            raise ConfigError("metrics.sample_every > 0 needs dlm.sampling.generate, which does not exist")
-        if not cfg.metrics.sample_tokenizer:
-            raise ConfigError("metrics.sample_every > 0 needs metrics.sample_tokenizer to decode samples")
+    if cfg.metrics.sample_every > 0 and not cfg.metrics.sample_tokenizer:
+        raise ConfigError("metrics.sample_every > 0 needs metrics.sample_tokenizer to decode samples")
 
 
 def check_world(cfg: TrainConfig, world_size: int) -> int:

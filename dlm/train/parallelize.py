@@ -33,7 +33,8 @@ class DistEnv:
     mesh: DeviceMesh
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused local TCP port (for a single-process rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     becomes a world of one so the same FSDP code path runs."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -24,15 +24,16 @@ class WeightSource:
     tokenizer_from: str | None  # folder whose tokenizer files an export copies
 
 
-def _with_mask(cfg: ModelConfig, mask_token: str | int) -> ModelConfig:
-    """The config after adding `[MASK]` (the tables only matter for their shape here)."""
+def _with_mask(cfg: ModelConfig, mask_id: int | None) -> ModelConfig:
+    """The config after adding `[MASK]` (None: append a new id; the tables only matter for their
+    shape here)."""
     if cfg.mask_token_id is not None:
-        if isinstance(mask_token, int) and mask_token != cfg.mask_token_id:
-            raise ValueError(f"model already uses [MASK] id {cfg.mask_token_id}, config asks for {mask_token}")
+        if mask_id is not None and mask_id != cfg.mask_token_id:
+            raise ValueError(f"model already uses [MASK] id {cfg.mask_token_id}, config asks for {mask_id}")
         return cfg
     with torch.device("meta"):
         table = {"tok_embeddings.weight": torch.empty(cfg.vocab_size, cfg.dim)}
-    _, cfg = add_mask_token(table, cfg, None if mask_token == "append" else mask_token)
+    _, cfg = add_mask_token(table, cfg, mask_id)
     return cfg
 
 
@@ -40,6 +41,7 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
     """`data_tokenizer`: the token store's tokenizer facts. A randomly initialised model takes its
     vocabulary and BOS/EOS ids from them (unless model.overrides sets vocab_size), so a
     from-scratch baseline fits whatever tokenizer the data was made with."""
+    mask_id = None if section.mask_token == "append" else section.mask_token
     if section.init_from == "random":
         base = preset(section.preset)
         if data_tokenizer is not None and "vocab_size" not in section.overrides:
@@ -50,7 +52,7 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
         if "vocab_size" in overrides and "base_vocab_size" not in overrides:
             overrides["base_vocab_size"] = overrides["vocab_size"]
         base = base.replace(**overrides)
-        cfg = _with_mask(base, section.mask_token).replace(attention=section.attention, attn_backend=section.attn_backend)
+        cfg = _with_mask(base, mask_id).replace(attention=section.attention, attn_backend=section.attn_backend)
         full: dict[str, torch.Tensor] = {}
 
         def random_tensor(name: str) -> torch.Tensor:
@@ -71,13 +73,13 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
         raise ValueError(f"model.init_from = {section.init_from!r} takes its architecture from config.json; "
                          "leave model.preset and model.overrides empty")
     base = ckpt.config
-    cfg = _with_mask(base, section.mask_token).replace(attention=section.attention, attn_backend=section.attn_backend)
+    cfg = _with_mask(base, mask_id).replace(attention=section.attention, attn_backend=section.attn_backend)
 
     def hf_tensor(name: str) -> torch.Tensor:
         t = ckpt.tensor(name)
         if name in VOCAB_TABLES and t.shape[0] != cfg.vocab_size:
             # add_mask_token grows any vocabulary table the same way; one table at a time
-            t = add_mask_token({"tok_embeddings.weight": t}, base, None if section.mask_token == "append" else section.mask_token)[0]["tok_embeddings.weight"]
+            t = add_mask_token({"tok_embeddings.weight": t}, base, mask_id)[0]["tok_embeddings.weight"]
         return t
 
     return WeightSource(cfg, hf_tensor, _tokenizer_folder(section.init_from))

@@ -81,6 +81,15 @@ def slimpajama(texts: list[str], sets=("RedPajamaCommonCrawl", "RedPajamaGithub"
     return [{"text": t, "meta": {"redpajama_set_name": sets[i % len(sets)]}} for i, t in enumerate(texts)]
 
 
+def slimpajama_files(folder: Path, docs: list[str], n_files: int) -> Path:
+    """A new input folder of `n_files` SlimPajama-style .jsonl.zst files, `docs` split into consecutive chunks."""
+    folder.mkdir()
+    per = -(-len(docs) // n_files)
+    for i in range(n_files):
+        write_jsonl(folder / f"p{i:02d}.jsonl.zst", slimpajama(docs[i * per:(i + 1) * per]))
+    return folder
+
+
 @pytest.fixture
 def corpus_dir(tmp_path) -> tuple[Path, dict]:
     """A mixed input folder: 2 parquet, 3 .jsonl.zst, 1 .jsonl, 2 .txt. Returns (dir, expected
@@ -104,4 +113,4 @@ def corpus_dir(tmp_path) -> tuple[Path, dict]:
 def h() -> SimpleNamespace:
     """Helpers for test modules (conftest is not importable under --import-mode=importlib)."""
     return SimpleNamespace(make_docs=make_docs, write_jsonl=write_jsonl, write_parquet=write_parquet,
-                           slimpajama=slimpajama)
+                           slimpajama=slimpajama, slimpajama_files=slimpajama_files)

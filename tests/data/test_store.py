@@ -15,11 +15,7 @@ FACTS = {"kind": "test", "vocab_size": 70000}
 
 @pytest.fixture
 def store(tmp_path, h, spm_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    docs = h.make_docs(400, seed=11)
-    for i in range(4):
-        h.write_jsonl(inputs / f"p{i}.jsonl.zst", h.slimpajama(docs[i * 100:(i + 1) * 100]))
+    inputs = h.slimpajama_files(tmp_path / "in", h.make_docs(400, seed=11), 4)
     out = tmp_path / "store"
     assert main(["plan", str(inputs), "-o", str(out), "--tokenizer", str(spm_path), "--files-per-unit", "2",
                  "--batch-tokens", "900"]) == 0

@@ -117,11 +117,7 @@ def test_array_tasks_disjoint_complete_and_identical(tmp_path, corpus_dir, spm_p
 
 
 def test_killed_unit_recovers(tmp_path, h, spm_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    docs = h.make_docs(1200, seed=7)
-    for i in range(24):
-        h.write_jsonl(inputs / f"p{i:02d}.jsonl.zst", h.slimpajama(docs[i * 50:(i + 1) * 50]))
+    inputs = h.slimpajama_files(tmp_path / "in", h.make_docs(1200, seed=7), 24)
     ref = plan_store(tmp_path, [inputs], spm_path, "ref")
     assert tf("run", ref, "--workers", 1, "--no-progress") == 0
     store = plan_store(tmp_path, [inputs], spm_path, "killed")

@@ -130,7 +130,7 @@ def test_bad_inputs_are_named():
     hidden, weight, targets, row_weights = make_inputs(6, 8, 64, torch.float32)
     bad = targets.clone()
     bad[1] = 64  # row 1 has nonzero weight
-    with pytest.raises(ValueError, match=r"targets of weighted rows must lie in \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"targets of weighted rows must lie in \[0, 64\), got values \[64\] at rows \[1\]"):
         masked_cross_entropy(hidden, weight, bad, row_weights)
     with pytest.raises(ValueError, match="unknown masked_cross_entropy impl"):
         masked_cross_entropy(hidden, weight, targets, row_weights, impl="cuda")

@@ -7,7 +7,6 @@ import torch
 from kernels.masking import mask_tokens, philox4x32
 
 
-
 # Random123 known-answer tests for philox4x32_10: (counter, key) -> output
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

