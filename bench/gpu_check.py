@@ -34,15 +34,15 @@ if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors; before `import triton`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from dlm.atomic import atomic_write_text  # noqa: E402
-from dlm.attention import BACKENDS, AnnealMask, AttentionLayout, attend  # noqa: E402
-from dlm.attention import _module as attention_module  # noqa: E402
-from dlm.attention.dense import sdpa_attention  # noqa: E402
-from kernels.masked_ce import masked_cross_entropy, naive_cross_entropy  # noqa: E402
-from kernels.masking import mask_tokens, mask_tokens_reference  # noqa: E402
+from dlm.atomic import atomic_write_text
+from dlm.attention import BACKENDS, AnnealMask, AttentionLayout, attend
+from dlm.attention import _module as attention_module
+from dlm.attention.dense import sdpa_attention
+from dlm.kernels.masked_ce import masked_cross_entropy, naive_cross_entropy
+from dlm.kernels.masking import mask_tokens, mask_tokens_reference
 
 H200_FLOPS = 790e12  # bf16 dense matmul measured on the lent H200 (DESIGN 8b)
 H200_BYTES = 4.3e12  # copy bandwidth, bytes/s
@@ -63,8 +63,17 @@ class Sizes:
     iters: int
 
 
-FULL = Sizes((1000, 512, 32064), (16384, 2048, 32064), (64, 2048), (2, 8, 2, 512, 64), (8, 2048, 2048),
-             "tinyllama-1.1b", (4, 2048), 2, 5)
+FULL = Sizes(
+    (1000, 512, 32064),
+    (16384, 2048, 32064),
+    (64, 2048),
+    (2, 8, 2, 512, 64),
+    (8, 2048, 2048),
+    "tinyllama-1.1b",
+    (4, 2048),
+    2,
+    5,
+)
 DRY = Sizes((37, 32, 1031), (64, 32, 512), (3, 100), (2, 4, 2, 48, 16), (2, 64, 128), "tiny-llama", (2, 64), 1, 1)
 
 
@@ -81,7 +90,9 @@ class Report:
         print(f"[{section}] {name}: {result} [{status}]", flush=True)
 
     def check(self, section: str, name: str, err: float, tol: float, **details) -> None:
-        self.add(section, name, f"rel err {err:.2e} (tol {tol:.0e})", "ok" if err <= tol else "FAIL", rel_err=err, **details)
+        self.add(
+            section, name, f"rel err {err:.2e} (tol {tol:.0e})", "ok" if err <= tol else "FAIL", rel_err=err, **details
+        )
 
     def table(self) -> str:
         widths = [max(len(r[i]) for r in self.rows + [("section", "check", "result", "status")]) for i in range(4)]
@@ -143,7 +154,7 @@ def packed_positions(B: int, L: int, mean_doc: int, gen: torch.Generator) -> tor
         while i < L:
             n = max(1, int(torch.empty(1).exponential_(1.0 / mean_doc, generator=gen).item()))
             n = min(n, L - i)
-            pos[b, i:i + n] = torch.arange(n)
+            pos[b, i : i + n] = torch.arange(n)
             i += n
     return pos
 
@@ -182,11 +193,17 @@ def check_masking(rep: Report, device: torch.device, sizes: Sizes) -> None:
     sample_ids = torch.randint(0, 2**40, (B,), generator=g)  # large offsets: 64-bit Philox counters
     seed = 0x1234_5678_9ABC
     ref = mask_tokens_reference(ids, maskable, t, sample_ids, seed, 32000)
-    got = mask_tokens(ids.to(device), maskable.to(device), t.to(device), sample_ids.to(device), seed, 32000, impl="triton")
+    got = mask_tokens(
+        ids.to(device), maskable.to(device), t.to(device), sample_ids.to(device), seed, 32000, impl="triton"
+    )
     same = all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
     frac = float(ref[1].float().mean())
-    rep.add("a", "masking Philox bit-exact", f"{'identical' if same else 'DIFFERENT'} ({B}x{L}, {frac:.2f} masked)",
-            "ok" if same else "FAIL")
+    rep.add(
+        "a",
+        "masking Philox bit-exact",
+        f"{'identical' if same else 'DIFFERENT'} ({B}x{L}, {frac:.2f} masked)",
+        "ok" if same else "FAIL",
+    )
 
 
 def _attn_inputs(sizes: Sizes, dtype, device, seed=0):
@@ -201,7 +218,9 @@ def check_attention(rep: Report, device: torch.device, sizes: Sizes) -> None:
     pos = packed_positions(B, L, max(4, L // 5), g).to(device)
     flat = AttentionLayout.from_position_ids(pos)
     starts = flat.cu_seqlens.tolist()
-    padded_cu = torch.tensor([starts[0], *starts[1:2], starts[1], *starts[2:], starts[-1]], dtype=torch.int32, device=device)
+    padded_cu = torch.tensor(
+        [starts[0], *starts[1:2], starts[1], *starts[2:], starts[-1]], dtype=torch.int32, device=device
+    )
     layouts = {
         "docs": flat,
         "docs causal": AttentionLayout.from_position_ids(pos, causal=True),
@@ -234,7 +253,9 @@ def check_attention(rep: Report, device: torch.device, sizes: Sizes) -> None:
                 rq, rk, rv = (leaf(x, device, torch.float32) for x in (q, k, v))
                 ref = sdpa_attention(rq, rk, rv, layout)
                 ref.backward(grad.float())
-                err = max(rel_err(a, b) for a, b in ((out, ref), (q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad)))
+                err = max(
+                    rel_err(a, b) for a, b in ((out, ref), (q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad))
+                )
                 worst = max(worst, err)
                 cases.append(lname)
             if missing:
@@ -269,14 +290,21 @@ def bench_masked_ce(rep: Report, device: torch.device, sizes: Sizes) -> None:
         h.grad = w.grad = None
         mem = peak_extra_bytes(fn, device)
         h.grad = w.grad = None
-        sec = timed(lambda: (fn(), setattr(h, "grad", None), setattr(w, "grad", None)), device, sizes.warmup, sizes.iters)
+        sec = timed(
+            lambda: (fn(), setattr(h, "grad", None), setattr(w, "grad", None)), device, sizes.warmup, sizes.iters
+        )
         res[name] = (sec, mem)
     base_t, base_m = res["naive full logits"]
     for name, (sec, mem) in res.items():
         ratio = f", {sec / base_t:.2f}x naive time" + (f", {mem / base_m:.2f}x naive mem" if mem and base_m else "")
-        rep.add("b", f"CE {name} N={n} H={d} V={v}",
-                f"{sec * 1e3:.1f} ms (roofline {roofline * 1e3:.1f} ms, {roofline / sec:.0%}), peak {mib(mem)}{ratio}",
-                seconds=sec, peak_bytes=mem, roofline_s=roofline)
+        rep.add(
+            "b",
+            f"CE {name} N={n} H={d} V={v}",
+            f"{sec * 1e3:.1f} ms (roofline {roofline * 1e3:.1f} ms, {roofline / sec:.0%}), peak {mib(mem)}{ratio}",
+            seconds=sec,
+            peak_bytes=mem,
+            roofline_s=roofline,
+        )
 
 
 # ---------------------------------------------------------------------------------------- (c)
@@ -306,8 +334,14 @@ def bench_attention(rep: Report, device: torch.device, sizes: Sizes) -> None:
                 rep.add("c", f"attn {name} hd={hd}", f"no backward here: {str(e)[:120]}", "skip")
                 continue
             sec = timed(lambda: attend(q, k, v, layout, backend=name).backward(grad), device, sizes.warmup, sizes.iters)
-            rep.add("c", f"attn {name} hd={hd} B={B} L={L}", f"{sec * 1e3:.2f} ms, {flops / sec / 1e12:.1f} TFLOP/s",
-                    seconds=sec, tflops=flops / sec / 1e12, mean_doc=float(seg[seg > 0].mean()))
+            rep.add(
+                "c",
+                f"attn {name} hd={hd} B={B} L={L}",
+                f"{sec * 1e3:.2f} ms, {flops / sec / 1e12:.1f} TFLOP/s",
+                seconds=sec,
+                tflops=flops / sec / 1e12,
+                mean_doc=float(seg[seg > 0].mean()),
+            )
 
 
 # ---------------------------------------------------------------------------------------- (d)
@@ -338,7 +372,9 @@ def bench_training(rep: Report, device: torch.device, sizes: Sizes, compile_mode
         try:
             _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fused, comp, peak)
         except Exception as e:  # report and continue with the next configuration
-            rep.add("d", label, f"crashed: {type(e).__name__}: {str(e)[:200]}", "FAIL", traceback=traceback.format_exc())
+            rep.add(
+                "d", label, f"crashed: {type(e).__name__}: {str(e)[:200]}", "FAIL", traceback=traceback.format_exc()
+            )
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -349,8 +385,12 @@ def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fu
     from dlm.models import build_model
     from dlm.train.parallelize import apply_compile
 
-    cfg = base.replace(vocab_size=vocab, mask_token_id=base.vocab_size, base_vocab_size=base.vocab_size,
-                       attn_backend="auto" if fused else "sdpa")
+    cfg = base.replace(
+        vocab_size=vocab,
+        mask_token_id=base.vocab_size,
+        base_vocab_size=base.vocab_size,
+        attn_backend="auto" if fused else "sdpa",
+    )
     with torch.device(device):
         model = build_model(cfg)
     model.to(dtype)
@@ -368,7 +408,9 @@ def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fu
             loss = diffusion_loss(model, noised, normalizer).loss
         else:
             logits = model(noised.noisy_ids, noised.layout())
-            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), noised.targets[:, 1:].reshape(-1), reduction="none")
+            ce = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, vocab), noised.targets[:, 1:].reshape(-1), reduction="none"
+            )
             loss = (ce * noised.weights[:, 1:].reshape(-1)).sum() / normalizer.clamp_min(1)
         loss.backward()
         opt.step()
@@ -390,17 +432,32 @@ def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fu
     mfu = f"{flops / peak:.1%}" if peak else "n/a"
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     backend = "fused" if fused else "sdpa"
-    rep.add("d", label, f"{tok_s:,.0f} tok/s, MFU {mfu}, peak {mib(mem)}, first step {first_s:.1f}s",
-            tokens_per_s=tok_s, mfu=(flops / peak if peak else None), step_s=sec, first_step_s=first_s, peak_bytes=mem,
-            params=model.num_params(non_embedding=False), backend=backend, batch=[B, L], first_loss=first)
+    rep.add(
+        "d",
+        label,
+        f"{tok_s:,.0f} tok/s, MFU {mfu}, peak {mib(mem)}, first step {first_s:.1f}s",
+        tokens_per_s=tok_s,
+        mfu=(flops / peak if peak else None),
+        step_s=sec,
+        first_step_s=first_s,
+        peak_bytes=mem,
+        params=model.num_params(non_embedding=False),
+        backend=backend,
+        batch=[B, L],
+        first_loss=first,
+    )
     del model, opt
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton through its interpreter)")
-    p.add_argument("--compile", choices=["auto", "on", "off", "both"], default="auto",
-                   help="training-step compile modes; auto = both on CUDA, off in a dry run")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off", "both"],
+        default="auto",
+        help="training-step compile modes; auto = both on CUDA, off in a dry run",
+    )
     p.add_argument("--budget-s", type=float, default=300.0, help="skip late sections beyond this many seconds")
     p.add_argument("--json", type=Path, help="details file (default $OUT/gpu_check.json when OUT is set)")
     p.add_argument("--sections", default="abcd", help="subset of sections to run, e.g. 'ab'")
@@ -413,12 +470,18 @@ def main(argv=None) -> int:
             print("gpu_check: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
             return 2
         device, sizes = torch.device("cuda"), FULL
-    modes = {"on": [True], "off": [False], "both": [False, True], "auto": [False] if args.dry_run else [False, True]}[args.compile]
+    modes = {"on": [True], "off": [False], "both": [False, True], "auto": [False] if args.dry_run else [False, True]}[
+        args.compile
+    ]
     rep = Report()
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "dry_run": args.dry_run}
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dry_run": args.dry_run,
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
@@ -435,16 +498,22 @@ def main(argv=None) -> int:
                 part(rep, device, sizes)
             except Exception as e:
                 name = getattr(part, "__name__", "part")
-                rep.add(key, name, f"crashed: {type(e).__name__}: {str(e)[:200]}", "FAIL", traceback=traceback.format_exc())
+                rep.add(
+                    key, name, f"crashed: {type(e).__name__}: {str(e)[:200]}", "FAIL", traceback=traceback.format_exc()
+                )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     env["wall_s"] = time.monotonic() - start
     out = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({"env": env, "checks": rep.details, "failed": rep.failed}, indent=1, default=str))
-    print(f"\ngpu_check {'FAILED' if rep.failed else 'passed'} in {env['wall_s']:.0f}s "
-          f"({env['device']}, torch {env['torch']}, triton {env['triton']})")
+        atomic_write_text(
+            out, json.dumps({"env": env, "checks": rep.details, "failed": rep.failed}, indent=1, default=str)
+        )
+    print(
+        f"\ngpu_check {'FAILED' if rep.failed else 'passed'} in {env['wall_s']:.0f}s "
+        f"({env['device']}, torch {env['torch']}, triton {env['triton']})"
+    )
     print(rep.table())
     return 1 if rep.failed else 0
 

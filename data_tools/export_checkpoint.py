@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a step_XXXXXXXX folder, a run folder or its checkpoints/ folder")
     p.add_argument("out", help="output folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--tokenizer", default=None, help="folder whose tokenizer files to copy (default: the run's init_from)")
+    p.add_argument(
+        "--tokenizer", default=None, help="folder whose tokenizer files to copy (default: the run's init_from)"
+    )
     a = p.parse_args(argv)
     ckpt = resolve_checkpoint(a.checkpoint)
     out = export_checkpoint(ckpt, a.out, dtype=DTYPES[a.dtype], tokenizer_from=a.tokenizer)

@@ -152,16 +152,27 @@ def _extracted_ok(pin: WheelPin, folder: Path) -> bool:
     if manifest is None or manifest.get("members") != list(pin.members):
         return False
     return all(
-        (folder / name).is_file() and (folder / name).stat().st_size == size
-        for name, size in manifest["files"].items()
+        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in manifest["files"].items()
     )
 
 
 def _pip_download(pin: WheelPin, dest: Path, pip_args: tuple[str, ...]) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--retries", "2", "--timeout", "30",
-        "--dest", str(dest), pin.requirement, *pip_args,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        "--dest",
+        str(dest),
+        pin.requirement,
+        *pip_args,
     ]
     print(f"[fetch] downloading {pin.requirement} with pip", flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -255,9 +266,15 @@ def _dir_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default $DLM_CACHE/demo or ~/.cache/dlm/demo)")
-    ap.add_argument("--find-links", type=Path, default=None,
-                    help="folder holding the wheel files; the registry is then not contacted")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="cache folder (default $DLM_CACHE/demo or ~/.cache/dlm/demo)"
+    )
+    ap.add_argument(
+        "--find-links",
+        type=Path,
+        default=None,
+        help="folder holding the wheel files; the registry is then not contacted",
+    )
     args = ap.parse_args(argv)
     pip_args = ("--no-index", "--find-links", str(args.find_links)) if args.find_links else ()
     try:

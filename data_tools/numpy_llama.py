@@ -45,7 +45,9 @@ def load_gguf_llama(path: str | Path) -> GGUFLlama:
     return GGUFLlama(
         n_layers=int(scalar("llama.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(scalar("llama.attention.head_count_kv")) if "llama.attention.head_count_kv" in reader.fields else n_heads,
+        n_kv_heads=int(scalar("llama.attention.head_count_kv"))
+        if "llama.attention.head_count_kv" in reader.fields
+        else n_heads,
         norm_eps=float(scalar("llama.attention.layer_norm_rms_epsilon")),
         rope_theta=float(scalar("llama.rope.freq_base")) if "llama.rope.freq_base" in reader.fields else 10000.0,
         tensors=tensors,

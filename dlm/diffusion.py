@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from dlm.attention.layout import AnnealMask, AttentionLayout
-from kernels.masked_ce import masked_cross_entropy
-from kernels.masking import mask_tokens, philox4x32, uniform24
+from dlm.kernels.masked_ce import masked_cross_entropy
+from dlm.kernels.masking import mask_tokens, philox4x32, uniform24
 
 __all__ = [
     "DiffusionConfig",
@@ -69,8 +69,14 @@ class DiffusionConfig:
 def _draw(counter: torch.Tensor, stream: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two uint32 draws (int64 tensors) per counter value of one host-side stream."""
     counter = counter.to(torch.int64)
-    r0, r1, _, _ = philox4x32(counter & _MASK32, counter >> 32, torch.zeros_like(counter),
-                              torch.full_like(counter, stream), seed & _MASK32, seed >> 32)
+    r0, r1, _, _ = philox4x32(
+        counter & _MASK32,
+        counter >> 32,
+        torch.zeros_like(counter),
+        torch.full_like(counter, stream),
+        seed & _MASK32,
+        seed >> 32,
+    )
     return r0, r1
 
 
@@ -92,7 +98,9 @@ def sample_t(sample_ids: torch.Tensor, global_batch_size: int, step: int, cfg: D
     sample_ids = sample_ids.to(torch.int64)
     if cfg.low_discrepancy:
         u0 = _uniform53(*_draw(torch.tensor([step], device=sample_ids.device), _STREAM_T, cfg.seed))
-        u = torch.remainder(u0 + torch.remainder(sample_ids, global_batch_size).to(torch.float64) / global_batch_size, 1.0)
+        u = torch.remainder(
+            u0 + torch.remainder(sample_ids, global_batch_size).to(torch.float64) / global_batch_size, 1.0
+        )
     else:
         u = _uniform53(*_draw(sample_ids, _STREAM_T, cfg.seed))
     return (cfg.eps + (1.0 - cfg.eps) * u).to(torch.float32)
@@ -125,7 +133,9 @@ def _check_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             raise KeyError(f"diffusion batch is missing {key!r} (has {sorted(batch)})")
     ids, pos, sids, maskable = batch["input_ids"], batch["position_ids"], batch["sample_ids"], batch.get("maskable")
     if ids.dim() != 2 or pos.shape != ids.shape:
-        raise ValueError(f"input_ids and position_ids must both be [B, L], got {tuple(ids.shape)} and {tuple(pos.shape)}")
+        raise ValueError(
+            f"input_ids and position_ids must both be [B, L], got {tuple(ids.shape)} and {tuple(pos.shape)}"
+        )
     if sids.shape != ids.shape[:1]:
         raise ValueError(f"sample_ids must be [B] = [{ids.shape[0]}], got {tuple(sids.shape)}")
     if maskable is not None and (maskable.shape != ids.shape or maskable.dtype != torch.bool):
@@ -241,7 +251,9 @@ def _elbo_seed(seed: int, k: int) -> int:
 
 
 @torch.no_grad()
-def heldout_elbo(model: nn.Module, batch: dict, num_samples: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_elbo(
+    model: nn.Module, batch: dict, num_samples: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ELBO bound on the NLL: (nats_sum [B] float64, n_tokens [B] int64), the bound in
     nats per token being nats_sum / n_tokens.
 
@@ -264,10 +276,14 @@ def heldout_elbo(model: nn.Module, batch: dict, num_samples: int = 8, seed: int 
         sel = _prediction_rows(masked)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return torch.stack([
-                masked_cross_entropy(hidden[b][sel[b]], weight, ids[b, 1:][masked[b, 1:]], weights[b, 1:][masked[b, 1:]])
-                for b in range(B)
-            ])
+            return torch.stack(
+                [
+                    masked_cross_entropy(
+                        hidden[b][sel[b]], weight, ids[b, 1:][masked[b, 1:]], weights[b, 1:][masked[b, 1:]]
+                    )
+                    for b in range(B)
+                ]
+            )
 
         total += model(noisy, layout, head=head).double()
     return total / num_samples, eligible.sum(1)

@@ -13,8 +13,8 @@ position ids restart at 0), so no real token attends to it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -92,7 +92,9 @@ def pad_rows(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch
     return ids.to(device), pos.to(device)
 
 
-def logits_at(model, ids: torch.Tensor, layout: AttentionLayout, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model, ids: torch.Tensor, layout: AttentionLayout, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """fp32 logits of the outputs at (rows, cols) only: the vocabulary projection is the big
     cost, so it is applied to the gathered hidden states through the model's `head` hook."""
 
@@ -117,7 +119,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_tokens(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick a token per row of `logits` [N, V] and its commit score (higher commits first)."""
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
@@ -144,7 +148,9 @@ def _block_plan(n: int, block_size: int, steps: int) -> list[tuple[int, int, int
     size = block_size or n
     nb = math.ceil(n / size)
     if steps < nb:
-        raise ValueError(f"{steps} steps cannot decode {nb} blocks ({n} tokens, block size {size}); use at least {nb} steps")
+        raise ValueError(
+            f"{steps} steps cannot decode {nb} blocks ({n} tokens, block size {size}); use at least {nb} steps"
+        )
     bounds = [steps * b // nb for b in range(nb + 1)]
     return [(b * size, min(n, (b + 1) * size), bounds[b], bounds[b + 1]) for b in range(nb)]
 
@@ -179,7 +185,9 @@ def generate(
         n = cfg.length if req.length is None else req.length
         row = prefix + [mask_id] * n + list(req.suffix)
         if len(row) > mc.max_seq_len:
-            raise ValueError(f"request {i} needs {len(row)} positions, more than the model's max_seq_len {mc.max_seq_len}")
+            raise ValueError(
+                f"request {i} needs {len(row)} positions, more than the model's max_seq_len {mc.max_seq_len}"
+            )
         rows.append(row)
         starts.append(len(prefix))
         lens.append(n)

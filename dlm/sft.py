@@ -47,7 +47,7 @@ def sft_example(prompt_ids: Sequence[int], response_ids: Sequence[int], fmt: SFT
     L = fmt.seq_len
     input_ids = torch.tensor(head + body + [fmt.pad_id] * (L - n), dtype=torch.int64)
     maskable = torch.zeros(L, dtype=torch.bool)
-    maskable[len(head):] = True
+    maskable[len(head) :] = True
     return dict(input_ids=input_ids, position_ids=torch.arange(L, dtype=torch.int64), maskable=maskable)
 
 

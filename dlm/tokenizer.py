@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 _GPT2_VOCAB = ("vocab.json", "encoder.json")
 _GPT2_MERGES = ("merges.txt", "vocab.bpe")
@@ -74,8 +74,10 @@ class Tokenizer:
         }
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
-                f"bos={self.bos_id}, eos={self.eos_id}, add_bos={self.add_bos})")
+        return (
+            f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, add_bos={self.add_bos})"
+        )
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -174,7 +176,8 @@ def _load_tokenizer_json(files: list[Path]) -> HFTokenizer:
 
 
 def _load_gpt2(vocab: Path, merges: Path) -> HFTokenizer:
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
 
     try:
         bpe = models.BPE.from_file(str(vocab), str(merges))
@@ -197,8 +200,10 @@ def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, list[Path]]:
     The files are what `Tokenizer.sha256` hashes."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer path {p} does not exist (expected a SentencePiece .model, "
-                                f"a tokenizer.json, GPT-2 vocab.json + merges.txt, or a folder with one)")
+        raise FileNotFoundError(
+            f"tokenizer path {p} does not exist (expected a SentencePiece .model, "
+            f"a tokenizer.json, GPT-2 vocab.json + merges.txt, or a folder with one)"
+        )
     if p.is_dir():
         found = _first(p, ("tokenizer.json",)) or _first(p, ("tokenizer.model",))
         if found is None:
@@ -207,14 +212,17 @@ def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, list[Path]]:
         if found is None:
             found = _first(p, _GPT2_VOCAB)
         if found is None:
-            raise FileNotFoundError(f"{p}: no tokenizer.json, tokenizer.model, *.model or "
-                                    f"vocab.json/encoder.json + merges.txt/vocab.bpe in this folder")
+            raise FileNotFoundError(
+                f"{p}: no tokenizer.json, tokenizer.model, *.model or "
+                f"vocab.json/encoder.json + merges.txt/vocab.bpe in this folder"
+            )
         p = found
     if p.name in _GPT2_VOCAB or p.name in _GPT2_MERGES:
         vocab, merges = _first(p.parent, _GPT2_VOCAB), _first(p.parent, _GPT2_MERGES)
         if vocab is None or merges is None:
-            raise FileNotFoundError(f"{p}: GPT-2 BPE needs both vocab.json/encoder.json and "
-                                    f"merges.txt/vocab.bpe in {p.parent}")
+            raise FileNotFoundError(
+                f"{p}: GPT-2 BPE needs both vocab.json/encoder.json and merges.txt/vocab.bpe in {p.parent}"
+            )
         return "gpt2", [vocab, merges]
     if p.suffix == ".json":
         cfg = p.parent / "tokenizer_config.json"

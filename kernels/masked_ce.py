@@ -89,12 +89,16 @@ def naive_cross_entropy(
 
 def _check_inputs(hidden, weight, targets, row_weights) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden dim {hidden.shape[1]} != weight dim {weight.shape[1]}")
     n = hidden.shape[0]
     if targets.shape != (n,) or row_weights.shape != (n,):
-        raise ValueError(f"targets and row_weights must be [{n}], got {tuple(targets.shape)} and {tuple(row_weights.shape)}")
+        raise ValueError(
+            f"targets and row_weights must be [{n}], got {tuple(targets.shape)} and {tuple(row_weights.shape)}"
+        )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if not row_weights.is_floating_point():
@@ -199,8 +203,16 @@ def _rows_triton(logits, targets, row_weights, z_loss, want_grad) -> torch.Tenso
     if c:
         block = min(4096, triton.next_power_of_2(v))
         _ce_rows_kernel[(c,)](
-            logits, logits.stride(0), targets, row_weights, loss, v, z_loss,
-            WRITE_GRAD=want_grad, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+            logits,
+            logits.stride(0),
+            targets,
+            row_weights,
+            loss,
+            v,
+            z_loss,
+            WRITE_GRAD=want_grad,
+            BLOCK_V=block,
+            num_warps=8 if block >= 2048 else 4,
         )
     return loss.sum()
 
@@ -209,8 +221,15 @@ if triton is not None:
 
     @triton.jit
     def _ce_rows_kernel(
-        logits_ptr, stride, targets_ptr, weights_ptr, loss_ptr, V, z_loss,
-        WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+        logits_ptr,
+        stride,
+        targets_ptr,
+        weights_ptr,
+        loss_ptr,
+        V,
+        z_loss,
+        WRITE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """One program per row: online log-sum-exp (pass 1), then the gradient in place (pass 2).
         Loads are cast to fp32 so the math is fp32 whatever the storage dtype."""

@@ -176,8 +176,19 @@ def mask_tokens_triton(
     grid = (B, triton.cdiv(L, block))
     with torch.cuda.device(ids.device) if ids.is_cuda else contextlib.nullcontext():
         _mask_kernel[grid](
-            ids, mk, t, inv_t, sample_ids.to(torch.int64).contiguous(), noisy, masked, weights,
-            seed, mask_id, L, HAS_MASKABLE=maskable is not None, BLOCK=block,
+            ids,
+            mk,
+            t,
+            inv_t,
+            sample_ids.to(torch.int64).contiguous(),
+            noisy,
+            masked,
+            weights,
+            seed,
+            mask_id,
+            L,
+            HAS_MASKABLE=maskable is not None,
+            BLOCK=block,
         )
     return noisy, masked.view(torch.bool), weights
 
@@ -187,7 +198,9 @@ def _validate(input_ids, maskable, t, sample_ids, seed, mask_id) -> None:
         raise ValueError(f"input_ids must be an integer [B, L] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
     B, L = input_ids.shape
     if maskable is not None and (maskable.shape != input_ids.shape or maskable.dtype != torch.bool):
-        raise ValueError(f"maskable must be a bool tensor of shape {(B, L)}, got {maskable.dtype} {tuple(maskable.shape)}")
+        raise ValueError(
+            f"maskable must be a bool tensor of shape {(B, L)}, got {maskable.dtype} {tuple(maskable.shape)}"
+        )
     if t.shape != (B,) or not t.is_floating_point():
         raise ValueError(f"t must be a float tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
     if sample_ids.shape != (B,):

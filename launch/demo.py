@@ -78,8 +78,20 @@ def tokenize(store: Path, tokenizer: Path, train_file: Path, heldout_file: Path)
     parquet (held-out) unit exactly the store's held-out tail."""
     if not (store / "stats.json").is_file():
         py = sys.executable
-        run([py, "-m", "data_tools.tokenize_fineweb", "plan", "-o", str(store), "--tokenizer", str(tokenizer),
-             str(train_file), str(heldout_file)])
+        run(
+            [
+                py,
+                "-m",
+                "data_tools.tokenize_fineweb",
+                "plan",
+                "-o",
+                str(store),
+                "--tokenizer",
+                str(tokenizer),
+                str(train_file),
+                str(heldout_file),
+            ]
+        )
         run([py, "-m", "data_tools.tokenize_fineweb", "run", str(store)])
         run([py, "-m", "data_tools.tokenize_fineweb", "verify", str(store)])
     plan = read_json(store / "plan.json")
@@ -95,10 +107,24 @@ def train(run_dir: Path, init_from: str, store: Path, heldout_fraction: float, s
         log(f"{run_dir} is trained (DONE); reusing it")
         return
     nproc = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "launch/pretrain.py", "--config", str(CONFIG), "--model.init_from", init_from,
-           "--data.paths", json.dumps([str(store)]), "--data.heldout_fraction", repr(heldout_fraction),
-           "--train.run_dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "launch/pretrain.py",
+        "--config",
+        str(CONFIG),
+        "--model.init_from",
+        init_from,
+        "--data.paths",
+        json.dumps([str(store)]),
+        "--data.heldout_fraction",
+        repr(heldout_fraction),
+        "--train.run_dir",
+        str(run_dir),
+    ]
     if init_from == "random":
         cmd += ["--model.preset", SCRATCH_PRESET]
     if steps is not None:
@@ -110,20 +136,66 @@ def generate(model: Path, out: Path, tokenizer: Path) -> list[dict]:
     if not out.is_file():
         prompts = out.with_name("prompts.jsonl")
         prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-        run([sys.executable, "launch/generate.py", str(model), "--tokenizer", str(tokenizer),
-             "--prompts-file", str(prompts), "--length", "24", "--steps", "24", "--order", "confidence",
-             "--temperature", "0.7", "--top-p", "0.9", "--seed", "0", "--out", str(out)])
+        run(
+            [
+                sys.executable,
+                "launch/generate.py",
+                str(model),
+                "--tokenizer",
+                str(tokenizer),
+                "--prompts-file",
+                str(prompts),
+                "--length",
+                "24",
+                "--steps",
+                "24",
+                "--order",
+                "confidence",
+                "--temperature",
+                "0.7",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
     return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
-def evaluate(model: Path, folder: Path, tasks: dict[str, Path], tokenizer: Path, heldout_fraction: float,
-             ar: bool, limit: int, num_samples: int) -> dict:
+def evaluate(
+    model: Path,
+    folder: Path,
+    tasks: dict[str, Path],
+    tokenizer: Path,
+    heldout_fraction: float,
+    ar: bool,
+    limit: int,
+    num_samples: int,
+) -> dict:
     """Results are cached under a name holding the settings, so a rerun with others re-scores."""
     out = folder / f"eval_{'ar' if ar else 'diffusion'}_n{limit}_k{num_samples}.json"
     if not out.is_file():
-        cmd = [sys.executable, "launch/evaluate.py", str(model), "--tokenizer", str(tokenizer),
-               "--limit", str(limit), "--num-samples", str(num_samples), "--seq-len", "128",
-               "--heldout-fraction", repr(heldout_fraction), "--batch-size", "16", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "launch/evaluate.py",
+            str(model),
+            "--tokenizer",
+            str(tokenizer),
+            "--limit",
+            str(limit),
+            "--num-samples",
+            str(num_samples),
+            "--seq-len",
+            "128",
+            "--heldout-fraction",
+            repr(heldout_fraction),
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ]
         for name, path in tasks.items():
             cmd += ["--task", f"{name}={path}"]
         run(cmd + (["--ar"] if ar else []))
@@ -132,10 +204,14 @@ def evaluate(model: Path, folder: Path, tasks: dict[str, Path], tokenizer: Path,
 
 def train_summary(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    head, tail = rows[: max(1, len(rows) // 8)], rows[-max(1, len(rows) // 8):]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    return {"steps": rows[-1]["step"], "loss_first": mean(head, "loss"), "loss_last": mean(tail, "loss"),
-            "tokens_per_s_per_device": mean(rows[1:] or rows, "tokens_per_s_per_device")}
+    head, tail = rows[: max(1, len(rows) // 8)], rows[-max(1, len(rows) // 8) :]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    return {
+        "steps": rows[-1]["step"],
+        "loss_first": mean(head, "loss"),
+        "loss_last": mean(tail, "loss"),
+        "tokens_per_s_per_device": mean(rows[1:] or rows, "tokens_per_s_per_device"),
+    }
 
 
 def fmt(task: dict | None, key: str = "value", pct: bool = False) -> str:
@@ -147,7 +223,9 @@ def fmt(task: dict | None, key: str = "value", pct: bool = False) -> str:
     return f"{v:.3f}"
 
 
-def summary(label: str, results: dict[str, dict], train_info: dict, check: dict, samples: list[dict], run_dir: Path) -> str:
+def summary(
+    label: str, results: dict[str, dict], train_info: dict, check: dict, samples: list[dict], run_dir: Path
+) -> str:
     ar, dm = results["ar"]["tasks"], results["diffusion"]["tasks"]
     lines = [
         "",
@@ -164,22 +242,31 @@ def summary(label: str, results: dict[str, dict], train_info: dict, check: dict,
     ]
     for name in ("hellaswag", "piqa"):
         n = dm[name]["n"]
-        lines.append(f"| {name + f' acc % (n={n})':<34} | {fmt(ar[name], pct=True):>14} | {fmt(dm[name], pct=True):>24} |")
-        lines.append(f"| {name + f' acc_norm % (n={n})':<34} | {fmt(ar[name], 'acc_norm', True):>14} | "
-                     f"{fmt(dm[name], 'acc_norm', True):>24} |")
+        lines.append(
+            f"| {name + f' acc % (n={n})':<34} | {fmt(ar[name], pct=True):>14} | {fmt(dm[name], pct=True):>24} |"
+        )
+        lines.append(
+            f"| {name + f' acc_norm % (n={n})':<34} | {fmt(ar[name], 'acc_norm', True):>14} | "
+            f"{fmt(dm[name], 'acc_norm', True):>24} |"
+        )
     lines += ["", "samples (prompt => generated):"]
     for s in samples:
         suffix = f" [..] {s['suffix']}" if s.get("suffix") else ""
         lines.append(f"  {s['prompt']!r} => {s['text']!r}{suffix}")
-    lines += ["", f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
-              f"results: {run_dir / 'demo_summary.json'}"]
+    lines += [
+        "",
+        f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
+        f"results: {run_dir / 'demo_summary.json'}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-scratch", action="store_true", help="random initialisation, same architecture and budget")
-    ap.add_argument("--cache", type=Path, default=None, help="asset cache (default $DLM_CACHE/demo or ~/.cache/dlm/demo)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="asset cache (default $DLM_CACHE/demo or ~/.cache/dlm/demo)"
+    )
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "demo", help="where runs and results go")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps of demo.toml")
     ap.add_argument("--limit", type=int, default=16, help="questions per benchmark slice and held-out rows")
@@ -198,7 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = hf / "tokenizer.json"
     log("4/7 tokenize")
     store = cache / "store"
-    heldout_fraction = tokenize(store, tokenizer, Path(corpus["train"]["jsonl_zst"]), Path(corpus["heldout"]["parquet"]))
+    heldout_fraction = tokenize(
+        store, tokenizer, Path(corpus["train"]["jsonl_zst"]), Path(corpus["heldout"]["parquet"])
+    )
 
     log(f"5/7 train ({label})")
     run_dir = args.runs / ("scratch" if args.from_scratch else "adapted")
@@ -208,18 +297,32 @@ def main(argv: list[str] | None = None) -> None:
     samples = generate(run_dir, run_dir / "samples.jsonl", tokenizer)
 
     log("7/7 evaluate")
-    tasks = {"heldout": store, "hellaswag": assets.hf_datasets / "hellaswag" / "none" / "validation",
-             "piqa": assets.hf_datasets / "piqa" / "plain_text" / "validation"}
+    tasks = {
+        "heldout": store,
+        "hellaswag": assets.hf_datasets / "hellaswag" / "none" / "validation",
+        "piqa": assets.hf_datasets / "piqa" / "plain_text" / "validation",
+    }
     results = {
-        "diffusion": evaluate(run_dir, run_dir, tasks, tokenizer, heldout_fraction,
-                              ar=False, limit=args.limit, num_samples=args.num_samples),
-        "ar": evaluate(hf, args.runs, tasks, tokenizer, heldout_fraction,
-                       ar=True, limit=args.limit, num_samples=args.num_samples),
+        "diffusion": evaluate(
+            run_dir,
+            run_dir,
+            tasks,
+            tokenizer,
+            heldout_fraction,
+            ar=False,
+            limit=args.limit,
+            num_samples=args.num_samples,
+        ),
+        "ar": evaluate(
+            hf, args.runs, tasks, tokenizer, heldout_fraction, ar=True, limit=args.limit, num_samples=args.num_samples
+        ),
     }
     info = train_summary(run_dir)
     report = summary(label, results, info, check, samples, run_dir)
-    atomic_write_json(run_dir / "demo_summary.json", {"label": label, "train": info, "conversion_check": check,
-                                                      "results": results, "samples": samples})
+    atomic_write_json(
+        run_dir / "demo_summary.json",
+        {"label": label, "train": info, "conversion_check": check, "results": results, "samples": samples},
+    )
     print(report, flush=True)
     log(f"done in {(time.time() - t0) / 60:.1f} min")
 

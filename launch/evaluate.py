@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--sep-id", type=int, default=None, help="GSM8K after SFT: prompt = [BOS] question [SEP]")
-    ap.add_argument("--seq-len", type=int, default=None, help="held-out row length (default: the training run's, else 1024)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="held-out row length (default: the training run's, else 1024)"
+    )
     ap.add_argument("--heldout-fraction", type=float, default=0.001, help="must match the training data split")
     ap.add_argument("--out", help="results JSON path")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,9 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     tok = find_tokenizer(args.model, args.tokenizer)
     seq_len = args.seq_len or _train_seq_len(args.model) or min(1024, model.config.max_seq_len)
     cfg = EvalConfig(
-        ar=args.ar, num_samples=args.num_samples, seed=args.seed, limit=args.limit, batch_size=args.batch_size,
-        steps=args.steps, gen_length=args.gen_length, order=args.order, block_size=args.block_size,
-        temperature=args.temperature, sep_id=args.sep_id, seq_len=seq_len, heldout_fraction=args.heldout_fraction,
+        ar=args.ar,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        gen_length=args.gen_length,
+        order=args.order,
+        block_size=args.block_size,
+        temperature=args.temperature,
+        sep_id=args.sep_id,
+        seq_len=seq_len,
+        heldout_fraction=args.heldout_fraction,
         progress=not args.no_progress,
     )
     meta = {"model": str(args.model), "tokenizer": tok.path, "device": args.device, "dtype": args.dtype}

@@ -106,13 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     tok = find_tokenizer(args.model, args.tokenizer)
     bos, eos = special_ids(model, tok)
     cfg = SamplingConfig(
-        steps=args.steps or args.length, length=args.length, order=args.order, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, block_size=args.block_size, eos_fill=not args.no_eos_fill, seed=args.seed,
+        steps=args.steps or args.length,
+        length=args.length,
+        order=args.order,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        block_size=args.block_size,
+        eos_fill=not args.no_eos_fill,
+        seed=args.seed,
     )
     jobs = [(p, s) for p, s in read_prompts(args) for _ in range(args.num_samples)]
     requests = [Request(with_start(tok, tok.encode(p)) if p else [], tok.encode(s) if s else []) for p, s in jobs]
 
-    bar = tqdm(total=len(requests) * cfg.steps, desc="denoise", unit="step", dynamic_ncols=True, disable=args.no_progress)
+    bar = tqdm(
+        total=len(requests) * cfg.steps, desc="denoise", unit="step", dynamic_ncols=True, disable=args.no_progress
+    )
     lines = []
     for b0 in range(0, len(requests), args.batch_size):
         batch = requests[b0 : b0 + args.batch_size]
@@ -126,11 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                     bar.write(f"[{b0 + i}] step {rec.step + 1:>4}/{cfg.steps}: {text!r}")
 
         done = bar.n
-        samples = generate(model, batch, dataclasses.replace(cfg, seed=args.seed + b0), bos_id=bos, eos_id=eos, callback=on_step)
+        samples = generate(
+            model, batch, dataclasses.replace(cfg, seed=args.seed + b0), bos_id=bos, eos_id=eos, callback=on_step
+        )
         bar.update(done + len(batch) * cfg.steps - bar.n)  # stopped early once nothing was masked
         for i, smp in enumerate(samples):
             prompt, suffix = jobs[b0 + i]
-            rec = {"index": b0 + i, "prompt": prompt, "suffix": suffix, "text": tok.decode(smp.tokens), "tokens": smp.tokens}
+            rec = {
+                "index": b0 + i,
+                "prompt": prompt,
+                "suffix": suffix,
+                "text": tok.decode(smp.tokens),
+                "tokens": smp.tokens,
+            }
             bar.write(f"[{rec['index']}] {prompt}[{rec['text']}]{suffix}")
             lines.append(rec)
     bar.close()

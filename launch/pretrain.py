@@ -69,7 +69,9 @@ def sample_text(model, tok, cfg: TrainConfig, step: int, metrics: MetricsLogger)
     m = cfg.metrics
     text = tok.encode(m.sample_prompt) if m.sample_prompt else []
     bos = [tok.bos_id] if text and tok.add_bos and tok.bos_id is not None else []
-    (sample,) = generate(model, [Request(bos + text)], SamplingConfig(steps=m.sample_steps, length=m.sample_length, seed=step))
+    (sample,) = generate(
+        model, [Request(bos + text)], SamplingConfig(steps=m.sample_steps, length=m.sample_length, seed=step)
+    )
     metrics.text(step, "samples", tok.decode(text + sample.tokens))
 
 
@@ -92,28 +94,47 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- data, model, optimizer
     weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
-    dataset = PackedDataset([SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)], seq_len=L, seed=cfg.data.seed,
-                            heldout_fraction=cfg.data.heldout_fraction)
+    dataset = PackedDataset(
+        [SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)],
+        seq_len=L,
+        seed=cfg.data.seed,
+        heldout_fraction=cfg.data.heldout_fraction,
+    )
     source = weight_source(cfg.model, cfg.train.seed, dataset.tokenizer)
     mcfg = source.config
     if mcfg.max_seq_len < L:
         raise ValueError(f"data.seq_len {L} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     if dataset.tokenizer["vocab_size"] > mcfg.base_vocab_size:
-        raise ValueError(f"the data was tokenized with a vocabulary of {dataset.tokenizer['vocab_size']} "
-                         f"({dataset.tokenizer['path']}) but the model has {mcfg.base_vocab_size} token ids")
+        raise ValueError(
+            f"the data was tokenized with a vocabulary of {dataset.tokenizer['vocab_size']} "
+            f"({dataset.tokenizer['path']}) but the model has {mcfg.base_vocab_size} token ids"
+        )
     model = build_model_sharded(cfg, env, source)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    logger.info("model %s: %.1fM parameters, world size %d, %d micro-batch(es) of %d per rank per step",
-                mcfg.family, model.num_params(non_embedding=False) / 1e6, env.world_size, n_micro, cfg.train.micro_batch_size)
+    logger.info(
+        "model %s: %.1fM parameters, world size %d, %d micro-batch(es) of %d per rank per step",
+        mcfg.family,
+        model.num_params(non_embedding=False) / 1e6,
+        env.world_size,
+        n_micro,
+        cfg.train.micro_batch_size,
+    )
 
     # ---- resume
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
     step, tokens_seen, consumed = 0, 0, 0
-    resume = None if cfg.checkpoint.resume == "none" else ckpt.latest() if cfg.checkpoint.resume == "auto" else resolve_checkpoint(cfg.checkpoint.resume)
+    resume = (
+        None
+        if cfg.checkpoint.resume == "none"
+        else ckpt.latest()
+        if cfg.checkpoint.resume == "auto"
+        else resolve_checkpoint(cfg.checkpoint.resume)
+    )
     if resume is None and ckpt.latest() is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints but checkpoint.resume = 'none': "
-                         "choose a new train.run_dir, or resume")
+        raise ValueError(
+            f"{run_dir} already holds checkpoints but checkpoint.resume = 'none': choose a new train.run_dir, or resume"
+        )
     if resume is not None:
         state = ckpt.load(resume, model, optimizer)
         # the position in the schedule comes from the checkpoint, the hyperparameters from the config
@@ -123,14 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         check_resume(data_state, dataset, allow_changed=cfg.data.allow_changed_index)
         step, tokens_seen, consumed = state["step"], state["tokens_seen"], data_state.consumed_samples
         logger.info("resumed from %s at step %d (%d samples consumed)", resume, step, consumed)
-    loader = StepLoader(dataset, G, cfg.train.micro_batch_size, env.rank, env.world_size,
-                        consumed_samples=consumed, num_workers=cfg.data.num_workers)
+    loader = StepLoader(
+        dataset,
+        G,
+        cfg.train.micro_batch_size,
+        env.rank,
+        env.world_size,
+        consumed_samples=consumed,
+        num_workers=cfg.data.num_workers,
+    )
     dcfg = DiffusionConfig(mask_token_id=mcfg.mask_token_id, **asdict(cfg.diffusion))
 
     def trainer_state() -> dict:
-        return {"step": step, "tokens_seen": tokens_seen, "data": loader.state().to_dict(),
-                "scheduler": scheduler.state_dict(), "model_config": mcfg.to_dict(),
-                "train_config": cfg.to_dict(), "tokenizer_from": source.tokenizer_from}
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "data": loader.state().to_dict(),
+            "scheduler": scheduler.state_dict(),
+            "model_config": mcfg.to_dict(),
+            "train_config": cfg.to_dict(),
+            "tokenizer_from": source.tokenizer_from,
+        }
 
     metrics = MetricsLogger(run_dir, env.rank, step, cfg.metrics.log_every, cfg.metrics.tensorboard)
     peak = peak_flops(env.device, cfg.metrics.peak_tflops)
@@ -160,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
 
         # one gather: per-rank loss (to name the rank that went non-finite), ELBO, stop requests
-        mine = torch.stack([loss_sum, elbo_sum, torch.tensor(float(stop.signal is not None), dtype=torch.float64, device=env.device)])
+        mine = torch.stack(
+            [loss_sum, elbo_sum, torch.tensor(float(stop.signal is not None), dtype=torch.float64, device=env.device)]
+        )
         every = [torch.empty_like(mine) for _ in range(env.world_size)]
         dist.all_gather(every, mine)
         every = torch.stack(every).cpu()
@@ -182,19 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         tps = G * L / dt / env.world_size
         n_el = max(counts[1].item(), 1.0)
-        metrics.log(step, {
-            "loss": every[:, 0].sum().item(),
-            "elbo": every[:, 1].sum().item() / n_el,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s_per_device": tps,
-            "mfu": None if peak is None else tps * flops_per_token / peak,
-            "step_time_s": dt,
-            "data_wait_s": t_data,
-            "peak_memory_gib": peak_memory_gib(env.device),
-            "tokens_seen": tokens_seen,
-            "consumed_samples": loader.state().consumed_samples,
-        })
+        metrics.log(
+            step,
+            {
+                "loss": every[:, 0].sum().item(),
+                "elbo": every[:, 1].sum().item() / n_el,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s_per_device": tps,
+                "mfu": None if peak is None else tps * flops_per_token / peak,
+                "step_time_s": dt,
+                "data_wait_s": t_data,
+                "peak_memory_gib": peak_memory_gib(env.device),
+                "tokens_seen": tokens_seen,
+                "consumed_samples": loader.state().consumed_samples,
+            },
+        )
         if cfg.metrics.sample_every and step % cfg.metrics.sample_every == 0:
             sample_text(model, sample_tok, cfg, step, metrics)
 

@@ -4,6 +4,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # CI has 2 cores; subprocess tests set their own

@@ -38,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--exclude-set", action="append", default=[], help="drop these meta.redpajama_set_name")
     pl.add_argument("--files-per-unit", type=int, default=8, help="JSON-lines/text files per unit (parquet: 1)")
     pl.add_argument("--num-tasks", type=int, default=1, help="array tasks that will share the units")
-    pl.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
-                    help="tokens per Arrow record batch (default %(default)s)")
+    pl.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=DEFAULT_BATCH_TOKENS,
+        help="tokens per Arrow record batch (default %(default)s)",
+    )
     pl.add_argument("--on-bad-record", choices=BAD_RECORD_POLICIES, default="error")
     rn = sub.add_parser("run", help="tokenize the units of one task (default: SLURM_ARRAY_TASK_ID, else all)")
     rn.add_argument("store", type=Path)
@@ -57,16 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "plan":
-            plan, ignored = make_plan(args.inputs, args.tokenizer, text_field=args.text_field,
-                                      include_sets=args.include_set, exclude_sets=args.exclude_set,
-                                      files_per_unit=args.files_per_unit, num_tasks=args.num_tasks,
-                                      batch_tokens=args.batch_tokens, on_bad_record=args.on_bad_record)
+            plan, ignored = make_plan(
+                args.inputs,
+                args.tokenizer,
+                text_field=args.text_field,
+                include_sets=args.include_set,
+                exclude_sets=args.exclude_set,
+                files_per_unit=args.files_per_unit,
+                num_tasks=args.num_tasks,
+                batch_tokens=args.batch_tokens,
+                on_bad_record=args.on_bad_record,
+            )
             new = write_plan(args.output, plan)
             n_files = sum(len(u["files"]) for u in plan["units"])
-            print(f"[tokenize_fineweb] {'wrote' if new else 'kept identical'} {args.output / 'plan.json'}: "
-                  f"{n_files} files in {len(plan['units'])} units for {plan['num_tasks']} tasks; "
-                  f"tokenizer {plan['tokenizer']['kind']} vocab {plan['tokenizer']['vocab_size']} ({plan['dtype']})"
-                  + (f"; ignored {len(ignored)} files of unknown kind, e.g. {ignored[0]}" if ignored else ""))
+            print(
+                f"[tokenize_fineweb] {'wrote' if new else 'kept identical'} {args.output / 'plan.json'}: "
+                f"{n_files} files in {len(plan['units'])} units for {plan['num_tasks']} tasks; "
+                f"tokenizer {plan['tokenizer']['kind']} vocab {plan['tokenizer']['vocab_size']} ({plan['dtype']})"
+                + (f"; ignored {len(ignored)} files of unknown kind, e.g. {ignored[0]}" if ignored else "")
+            )
         elif args.verb == "run":
             run(args.store, args.task_id, args.num_tasks, args.workers, progress=not args.no_progress)
         else:

@@ -14,16 +14,22 @@ import glob
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-_KINDS = ((".parquet", "parquet"), (".jsonl", "jsonl"), (".jsonl.zst", "jsonl"), (".json", "jsonl"),
-          (".json.zst", "jsonl"), (".txt", "text"))
+_KINDS = (
+    (".parquet", "parquet"),
+    (".jsonl", "jsonl"),
+    (".jsonl.zst", "jsonl"),
+    (".json", "jsonl"),
+    (".json.zst", "jsonl"),
+    (".txt", "text"),
+)
 BAD_RECORD_POLICIES = ("error", "skip")
 
 
@@ -70,7 +76,7 @@ class ReadConfig:
     on_bad_record: str = "error"
 
     @staticmethod
-    def from_plan(plan: dict) -> "ReadConfig":
+    def from_plan(plan: dict) -> ReadConfig:
         return ReadConfig(plan["text_field"], plan["include_sets"], plan["exclude_sets"], plan["on_bad_record"])
 
 
@@ -122,7 +128,9 @@ class _Reader:
         if self.cfg.on_bad_record == "skip":
             self.counts.skipped[reason] += 1
             return
-        raise InputError(f"{self.path}: {record}: {detail} (plan with --on-bad-record skip to skip and count such records)")
+        raise InputError(
+            f"{self.path}: {record}: {detail} (plan with --on-bad-record skip to skip and count such records)"
+        )
 
     def text(self, record: str, value) -> str | None:
         """Validate one document's text; None when the record is skipped."""
@@ -134,7 +142,9 @@ class _Reader:
         if value is None:
             return self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is missing or null")
         if not isinstance(value, str):
-            return self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is {type(value).__name__}, not a string")
+            return self.bad(
+                record, "missing_text", f"field {self.cfg.text_field!r} is {type(value).__name__}, not a string"
+            )
         if not value:
             return self.bad(record, "empty", "empty document")
         return value
@@ -160,7 +170,9 @@ class _Reader:
                 meta = obj.get("meta")
                 name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
                 if not isinstance(name, str):
-                    self.bad(record, "missing_set_name", "set-name filters given but meta.redpajama_set_name is missing")
+                    self.bad(
+                        record, "missing_set_name", "set-name filters given but meta.redpajama_set_name is missing"
+                    )
                     continue
                 if (cfg.include_sets and name not in cfg.include_sets) or name in cfg.exclude_sets:
                     self.counts.filtered += 1

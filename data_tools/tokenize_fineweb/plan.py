@@ -44,9 +44,18 @@ def group_units(files: list[Path], files_per_unit: int) -> list[dict]:
     return units
 
 
-def make_plan(inputs: list[str], tokenizer: str, *, text_field: str = "text", include_sets=(), exclude_sets=(),
-              files_per_unit: int = 8, num_tasks: int = 1, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-              on_bad_record: str = "error") -> tuple[dict, list[Path]]:
+def make_plan(
+    inputs: list[str],
+    tokenizer: str,
+    *,
+    text_field: str = "text",
+    include_sets=(),
+    exclude_sets=(),
+    files_per_unit: int = 8,
+    num_tasks: int = 1,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    on_bad_record: str = "error",
+) -> tuple[dict, list[Path]]:
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise InputError(f"--on-bad-record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
     if files_per_unit < 1 or num_tasks < 1 or batch_tokens < 1:
@@ -79,8 +88,10 @@ def write_plan(store: Path, plan: dict) -> bool:
     if path.exists():
         old = load_plan(store)
         if old != plan:
-            raise InputError(f"{path} already exists with a different plan; plans are immutable: "
-                             f"use a new output folder (or delete the old store)")
+            raise InputError(
+                f"{path} already exists with a different plan; plans are immutable: "
+                f"use a new output folder (or delete the old store)"
+            )
         return False
     atomic_write_json(path, plan)
     return True

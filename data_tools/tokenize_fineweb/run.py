@@ -78,8 +78,11 @@ def _tokenizer(plan: dict):
 def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[int]) -> tuple[np.ndarray, np.ndarray]:
     ids = tok.encode_batch(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + (len(bos) + len(eos))
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable((bos, x, eos) for x in ids)),
-                       dtype=dtype, count=int(lengths.sum()))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain.from_iterable((bos, x, eos) for x in ids)),
+        dtype=dtype,
+        count=int(lengths.sum()),
+    )
     return flat, lengths
 
 
@@ -153,6 +156,7 @@ def process_unit(store: str, plan: dict, unit: int) -> dict:
 
 # ---- parent side -------------------------------------------------------------------------------
 
+
 def _affinity() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -163,21 +167,30 @@ def _affinity() -> int:
 class _Progress:
     def __init__(self, total_units: int, enabled: bool):
         tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total_units, unit="unit", disable=not enabled, mininterval=1 if tty else 30,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_units, unit="unit", disable=not enabled, mininterval=1 if tty else 30, dynamic_ncols=True
+        )
         self.t0 = time.monotonic()
         self.docs = self.tokens = self.bytes = 0
 
     def add(self, d: int, t: int, b: int) -> None:
         self.docs, self.tokens, self.bytes = self.docs + d, self.tokens + t, self.bytes + b
         dt = max(time.monotonic() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s, "
-                                 f"{self.bytes / dt / 1e6:,.1f} MB/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s, {self.bytes / dt / 1e6:,.1f} MB/s",
+            refresh=False,
+        )
         self.bar.refresh()
 
 
-def run(store: Path, task_id: int | None = None, num_tasks: int | None = None, workers: int | None = None,
-        progress: bool = True, log=print) -> dict:
+def run(
+    store: Path,
+    task_id: int | None = None,
+    num_tasks: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Tokenize the units of one task (or every unit); returns the run summary."""
     store = Path(store)
     plan = load_plan(store)
@@ -186,11 +199,15 @@ def run(store: Path, task_id: int | None = None, num_tasks: int | None = None, w
     removed = remove_stale_temps(store, mine)
     todo = [u for u in mine if not sidecar_path(store, u).exists()]
     who = "all tasks" if task_id is None else f"task {task_id}/{num_tasks}"
-    log(f"[tokenize_fineweb] {who}: {len(mine)} units, {len(mine) - len(todo)} already done, "
-        f"{len(todo)} to do; {removed} stale temp files removed")
+    log(
+        f"[tokenize_fineweb] {who}: {len(mine)} units, {len(mine) - len(todo)} already done, "
+        f"{len(todo)} to do; {removed} stale temp files removed"
+    )
     if todo and tokenizer_sha256(plan["tokenizer"]["path"]) != plan["tokenizer"]["sha256"]:
-        raise InputError(f"{plan['tokenizer']['path']}: tokenizer sha256 differs from the plan's "
-                         f"{plan['tokenizer']['sha256']} (the tokenizer changed after `plan`)")
+        raise InputError(
+            f"{plan['tokenizer']['path']}: tokenizer sha256 differs from the plan's "
+            f"{plan['tokenizer']['sha256']} (the tokenizer changed after `plan`)"
+        )
     workers = min(workers or _affinity(), max(len(todo), 1))
     t0 = time.monotonic()
     bar = _Progress(len(todo), progress)
@@ -255,6 +272,8 @@ def summarize(sidecars: list[dict], elapsed: float) -> dict:
 def format_summary(s: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     bpt = s["input_bytes"] / s["tokens"] if s["tokens"] else 0.0
-    return (f"[tokenize_fineweb] tokenized {s['units']} units: {s['documents']:,} documents, {s['tokens']:,} tokens, "
-            f"{s['input_bytes'] / 1e6:,.1f} MB text ({bpt:.2f} bytes/token) in {s['elapsed_s']:.1f}s "
-            f"({s['tokens_per_s']:,.0f} tokens/s); skipped records: {skipped}; filtered by set name: {s['filtered']}")
+    return (
+        f"[tokenize_fineweb] tokenized {s['units']} units: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+        f"{s['input_bytes'] / 1e6:,.1f} MB text ({bpt:.2f} bytes/token) in {s['elapsed_s']:.1f}s "
+        f"({s['tokens_per_s']:,.0f} tokens/s); skipped records: {skipped}; filtered by set name: {s['filtered']}"
+    )

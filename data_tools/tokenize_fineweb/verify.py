@@ -35,8 +35,10 @@ def _check_unit(store: Path, plan: dict, u: int, check_hash: bool, hist: np.ndar
     if dtype != want:
         problems.append(f"{path}: token dtype {dtype}, plan says {want}")
     if (view.num_documents, view.num_tokens) != (side["documents"], side["tokens"]):
-        problems.append(f"{path}: {view.num_documents} documents / {view.num_tokens} tokens, sidecar says "
-                        f"{side['documents']} / {side['tokens']}")
+        problems.append(
+            f"{path}: {view.num_documents} documents / {view.num_tokens} tokens, sidecar says "
+            f"{side['documents']} / {side['tokens']}"
+        )
     for b, (vals, off) in enumerate(zip(view.values, view.offsets)):
         lengths = np.diff(off)
         if len(lengths) and lengths.min() < 1:
@@ -88,6 +90,8 @@ def verify(store: Path, check_hash: bool = True, log=print) -> dict:
         "length_histogram": {f"{1 << i}-{(1 << (i + 1)) - 1}": int(hist[i]) for i in range(top)},
     }
     atomic_write_json(store / "stats.json", stats)
-    log(f"[tokenize_fineweb] verified {stats['units']} units: {stats['documents']:,} documents, "
-        f"{stats['tokens']:,} tokens, {stats['bytes_per_token'] or 0:.2f} bytes/token -> {store / 'stats.json'}")
+    log(
+        f"[tokenize_fineweb] verified {stats['units']} units: {stats['documents']:,} documents, "
+        f"{stats['tokens']:,} tokens, {stats['bytes_per_token'] or 0:.2f} bytes/token -> {store / 'stats.json'}"
+    )
     return stats

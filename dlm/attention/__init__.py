@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 import torch
@@ -22,9 +22,14 @@ from dlm.attention.layout import AnnealMask, AttentionLayout
 BACKENDS = ("flash", "varlen", "flex", "sdpa")
 # preference order of "auto" on CUDA; on CPU the dense reference is the fast choice
 _CUDA_ORDER = ("flash", "varlen", "flex", "sdpa")
-_MODULES = {"flash": "dlm.attention.flash", "varlen": "dlm.attention.varlen", "flex": "dlm.attention.flex", "sdpa": "dlm.attention.dense"}
+_MODULES = {
+    "flash": "dlm.attention.flash",
+    "varlen": "dlm.attention.varlen",
+    "flex": "dlm.attention.flex",
+    "sdpa": "dlm.attention.dense",
+}
 
-__all__ = ["AnnealMask", "AttentionLayout", "BACKENDS", "BackendUnavailable", "attend", "resolve_backend"]
+__all__ = ["BACKENDS", "AnnealMask", "AttentionLayout", "BackendUnavailable", "attend", "resolve_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str) -> ModuleType:
     if name not in _MODULES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS} or 'auto'")
@@ -48,7 +53,7 @@ def _why_not(name: str, device: torch.device, arbitrary_mask: bool) -> str | Non
     return reason
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
     """The concrete backend for a request; a clear error when it cannot serve it."""
     device = torch.device(device_type)
@@ -65,8 +70,13 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
         reason = _why_not(candidate, device, arbitrary_mask)
         if reason is None:
             # resolve_backend is cached, so this is logged once per (request, device, mask kind)
-            logger.info("attention backend: %s (auto, %s, %s)%s", candidate, device_type, mask,
-                        "; skipped " + "; ".join(skipped) if skipped else "")
+            logger.info(
+                "attention backend: %s (auto, %s, %s)%s",
+                candidate,
+                device_type,
+                mask,
+                "; skipped " + "; ".join(skipped) if skipped else "",
+            )
             return candidate
         skipped.append(f"{candidate}: {reason}")
     raise BackendUnavailable(f"no attention backend is usable on {device_type}: " + "; ".join(skipped))
@@ -77,7 +87,9 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
 _RESOLVED: dict[tuple[str, str, bool], ModuleType] = {}
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto") -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto"
+) -> torch.Tensor:
     key = (backend, q.device.type, layout.needs_dense_mask)
     if key not in _RESOLVED:
         _RESOLVED[key] = _module(resolve_backend(*key))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -53,7 +53,7 @@ def mask_mod(layout: AttentionLayout):
 _cache: tuple[weakref.ref, BlockMask] | None = None
 
 
-def block_mask(layout: AttentionLayout) -> "BlockMask":
+def block_mask(layout: AttentionLayout) -> BlockMask:
     """The layout's BlockMask, cached for the most recent layout (all layers of a step share it)."""
     global _cache
     if _cache is not None and _cache[0]() is layout:
@@ -72,7 +72,7 @@ def _eager_flex_attention(*args, **kwargs) -> torch.Tensor:
         return flex_attention(*args, **kwargs)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else _eager_flex_attention
 

@@ -57,7 +57,7 @@ class AnnealMask:
         return future_open(q_idx, k_idx, self.key, self.threshold)
 
     @staticmethod
-    def schedule(seed: int, step: int, anneal_steps: int) -> "AnnealMask | None":
+    def schedule(seed: int, step: int, anneal_steps: int) -> AnnealMask | None:
         """The mask for `step`, or None once annealing is over (p = 1: plain bidirectional)."""
         if anneal_steps <= 0 or step + 1 >= anneal_steps:
             return None
@@ -90,7 +90,7 @@ class AttentionLayout:
         anneal: AnnealMask | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-    ) -> "AttentionLayout":
+    ) -> AttentionLayout:
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [B, L], got {tuple(position_ids.shape)}")
         if causal and anneal is not None:
@@ -107,7 +107,7 @@ class AttentionLayout:
         return AttentionLayout(position_ids, doc_ids, cu_seqlens, max_seqlen, causal, anneal)
 
     @staticmethod
-    def single(batch: int, length: int, device=None, causal: bool = False) -> "AttentionLayout":
+    def single(batch: int, length: int, device=None, causal: bool = False) -> AttentionLayout:
         """One document per row."""
         pos = torch.arange(length, device=device).expand(batch, length).clone()
         return AttentionLayout.from_position_ids(pos, causal=causal)

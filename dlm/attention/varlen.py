@@ -10,7 +10,7 @@ The pack/unpack helpers here are shared with the flash-attn backend.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +41,9 @@ def run_packed(varlen_fn: VarlenFn, q, k, v, layout: AttentionLayout, backend: s
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     if k.shape != (B, Hkv, L, D) or v.shape != k.shape or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)}: expected [B,H,L,D] and [B,Hkv,L,D] with Hkv | H")
+        raise ValueError(
+            f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)}: expected [B,H,L,D] and [B,Hkv,L,D] with Hkv | H"
+        )
     cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
     if int(layout.position_ids.numel()) != B * L:
         raise ValueError(f"layout covers {layout.position_ids.shape} tokens but q is [B={B}, L={L}]")
@@ -54,7 +56,9 @@ def run_packed(varlen_fn: VarlenFn, q, k, v, layout: AttentionLayout, backend: s
 
 def check_half_precision(q: torch.Tensor, backend: str) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"attention backend {backend!r} needs fp16/bf16 q/k/v, got {q.dtype}; use 'flex' or 'sdpa' for fp32")
+        raise TypeError(
+            f"attention backend {backend!r} needs fp16/bf16 q/k/v, got {q.dtype}; use 'flex' or 'sdpa' for fp32"
+        )
 
 
 def ampere_cuda_problem(device: torch.device, name: str) -> str | None:

@@ -25,8 +25,10 @@ def integer_weights(weights: list[float]) -> list[int]:
     g = gcd(*ints)
     ints = [i // g for i in ints]
     if sum(ints) > MAX_PERIOD:
-        raise ValueError(f"source weights {weights} give a blending period of {sum(ints)} samples (> {MAX_PERIOD}); "
-                         f"use small integer ratios")
+        raise ValueError(
+            f"source weights {weights} give a blending period of {sum(ints)} samples (> {MAX_PERIOD}); "
+            f"use small integer ratios"
+        )
     return ints
 
 

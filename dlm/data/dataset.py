@@ -65,12 +65,12 @@ class _Source:
         local = start - int(self.batch_starts[b])
         vals = self._batch(b)
         take = min(n, len(vals) - local)
-        out[:take] = vals[local:local + take]
+        out[:take] = vals[local : local + take]
         while take < n:
             b += 1
             vals = self._batch(b)
             m = min(n - take, len(vals))
-            out[take:take + m] = vals[:m]
+            out[take : take + m] = vals[:m]
             take += m
 
     def doc_boundaries(self, start: int, end: int) -> np.ndarray:
@@ -89,8 +89,15 @@ class _Source:
 class PackedDataset(torch.utils.data.Dataset):
     """Map-style over GLOBAL sample ids (no length: epochs wrap per source)."""
 
-    def __init__(self, sources: list[SourceSpec], seq_len: int, seed: int, split: str = "train",
-                 heldout_fraction: float = 0.001, index_dir: str | Path | None = None):
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        seq_len: int,
+        seed: int,
+        split: str = "train",
+        heldout_fraction: float = 0.001,
+        index_dir: str | Path | None = None,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not sources:
@@ -109,21 +116,30 @@ class PackedDataset(torch.utils.data.Dataset):
         indexes = [load_index(Path(s.path), index_dir) for s in sources]
         toks = {ix.manifest["tokenizer"]["sha256"] for ix in indexes}
         if len(toks) != 1:
-            raise ValueError(f"sources were tokenized with different tokenizers: "
-                             f"{ {s.label: ix.manifest['tokenizer']['path'] for s, ix in zip(sources, indexes)} }")
+            raise ValueError(
+                f"sources were tokenized with different tokenizers: "
+                f"{ {s.label: ix.manifest['tokenizer']['path'] for s, ix in zip(sources, indexes)} }"
+            )
         self.tokenizer = indexes[0].manifest["tokenizer"]
-        self.fingerprint = hashlib.sha256(json.dumps({
-            "sources": [[s.label, w, ix.fingerprint] for s, w, ix in zip(sources, self.blend.weights, indexes)],
-            "heldout_fraction": self.heldout_fraction,
-        }, sort_keys=True).encode()).hexdigest()[:32]
+        self.fingerprint = hashlib.sha256(
+            json.dumps(
+                {
+                    "sources": [[s.label, w, ix.fingerprint] for s, w, ix in zip(sources, self.blend.weights, indexes)],
+                    "heldout_fraction": self.heldout_fraction,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:32]
         self._sources = []
         for spec, ix in zip(sources, indexes):
             split_at = self._split_point(ix)
             lo, hi = (0, split_at) if split == "train" else (split_at, ix.num_tokens)
             src = _Source(ix, lo, hi)
             if src.num_windows(self.seq_len) < 1:
-                raise ValueError(f"source {spec.label!r} ({spec.path}) has {hi - lo} {split} tokens: fewer than one "
-                                 f"window of seq_len + 1 = {self.seq_len + 1}")
+                raise ValueError(
+                    f"source {spec.label!r} ({spec.path}) has {hi - lo} {split} tokens: fewer than one "
+                    f"window of seq_len + 1 = {self.seq_len + 1}"
+                )
             self._sources.append(src)
         self.num_windows = [s.num_windows(self.seq_len) for s in self._sources]
         self._perms: dict[tuple[int, int], np.ndarray] = {}

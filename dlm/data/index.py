@@ -41,8 +41,10 @@ def store_manifest(store: Path) -> dict:
     units = range(len(plan["units"]))
     missing = [u for u in units if not sidecar_path(store, u).exists()]
     if missing:
-        raise ValueError(f"token store {store} is incomplete: {len(missing)} of {len(units)} units not done "
-                         f"(first: {sidecar_path(store, missing[0]).name} missing); run `tokenize_fineweb run {store}`")
+        raise ValueError(
+            f"token store {store} is incomplete: {len(missing)} of {len(units)} units not done "
+            f"(first: {sidecar_path(store, missing[0]).name} missing); run `tokenize_fineweb run {store}`"
+        )
     shards = []
     for u in units:
         side = load_json(sidecar_path(store, u), "unit sidecar")
@@ -56,10 +58,14 @@ def fingerprint(obj) -> str:
 
 def check_shard(view: ShardView, expect: dict, tokenizer: dict) -> None:
     if view.nbytes != expect["bytes"]:
-        raise ValueError(f"{view.path}: {view.nbytes} bytes but its sidecar says {expect['bytes']} (truncated or rewritten)")
+        raise ValueError(
+            f"{view.path}: {view.nbytes} bytes but its sidecar says {expect['bytes']} (truncated or rewritten)"
+        )
     if (view.num_tokens, view.num_documents) != (expect["tokens"], expect["documents"]):
-        raise ValueError(f"{view.path}: {view.num_tokens} tokens / {view.num_documents} documents but its sidecar says "
-                         f"{expect['tokens']} / {expect['documents']}")
+        raise ValueError(
+            f"{view.path}: {view.num_tokens} tokens / {view.num_documents} documents but its sidecar says "
+            f"{expect['tokens']} / {expect['documents']}"
+        )
     if view.tokenizer != tokenizer:
         raise ValueError(f"{view.path}: tokenizer metadata differs from the store's plan.json")
 
@@ -134,8 +140,10 @@ def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIn
             root.mkdir(parents=True, exist_ok=True)
             lock = open(root / f"{fp}.lock", "a+")
         except OSError as e:
-            raise OSError(f"cannot create the index of {store} under {root} ({e}); pass index_dir= "
-                          f"(or set DLM_INDEX_DIR) to a writable folder") from e
+            raise OSError(
+                f"cannot create the index of {store} under {root} ({e}); pass index_dir= "
+                f"(or set DLM_INDEX_DIR) to a writable folder"
+            ) from e
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds; the others wait here
             if not (final / "manifest.json").exists():
@@ -153,6 +161,8 @@ def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIn
                     shutil.rmtree(tmp, ignore_errors=True)
                 fsync_dir(root)
     # plain ndarray views of the memory maps: np.memmap slicing is slow on the per-sample path
-    arrays = {n: np.load(final / f"{n}.npy", mmap_mode="r").view(np.ndarray)
-              for n in ("batch_starts", "batch_shard", "batch_local", "doc_starts")}
+    arrays = {
+        n: np.load(final / f"{n}.npy", mmap_mode="r").view(np.ndarray)
+        for n in ("batch_starts", "batch_shard", "batch_local", "doc_starts")
+    }
     return SourceIndex(store, fp, manifest, **arrays)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 
@@ -31,7 +31,7 @@ class DataState:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "DataState":
+    def from_dict(d: dict) -> DataState:
         keys = ("index_fingerprint", "seq_len", "seed", "consumed_samples")
         missing = [k for k in keys if k not in d]
         if missing:
@@ -42,15 +42,22 @@ class DataState:
 def check_resume(state: DataState, dataset: PackedDataset, allow_changed: bool = False) -> int:
     """Returns the consumed samples to resume from; refuses data that is not the data the state
     was saved with (another store, weights, seq_len or seed) unless `allow_changed`."""
-    diffs = [f"{name}: checkpoint {old!r}, now {new!r}" for name, old, new in (
-        ("index fingerprint", state.index_fingerprint, dataset.fingerprint),
-        ("seq_len", state.seq_len, dataset.seq_len),
-        ("seed", state.seed, dataset.seed)) if old != new]
+    diffs = [
+        f"{name}: checkpoint {old!r}, now {new!r}"
+        for name, old, new in (
+            ("index fingerprint", state.index_fingerprint, dataset.fingerprint),
+            ("seq_len", state.seq_len, dataset.seq_len),
+            ("seed", state.seed, dataset.seed),
+        )
+        if old != new
+    ]
     if diffs:
         msg = "the data differs from the checkpoint's: " + "; ".join(diffs)
         if not allow_changed:
-            raise ValueError(msg + ". Resuming would not continue the same sample sequence; pass "
-                                   "allow_changed=True (config: data.allow_changed) to resume anyway")
+            raise ValueError(
+                msg + ". Resuming would not continue the same sample sequence; pass "
+                "allow_changed=True (config: data.allow_changed) to resume anyway"
+            )
         log.warning("%s; resuming at sample %d anyway (allow_changed)", msg, state.consumed_samples)
     return state.consumed_samples
 
@@ -80,9 +87,18 @@ class _Count(torch.utils.data.Sampler):
 class StepLoader:
     """Iterates forever; each item is one optimizer step: a list of micro-batch dicts."""
 
-    def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, consumed_samples: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 4):
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        consumed_samples: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ):
         G, b, W = global_batch_size, micro_batch_size, world_size
         if G < 1 or b < 1 or W < 1 or G % (W * b):
             raise ValueError(f"global batch {G} must be a positive multiple of world size {W} x micro batch {b}")
@@ -98,9 +114,17 @@ class StepLoader:
         micro = _RankMicroBatches(self.dataset, self.consumed_samples, self.G, self.world, self.rank, self.b)
         if self.num_workers == 0:
             return map(micro.__getitem__, itertools.count())
-        return iter(torch.utils.data.DataLoader(
-            micro, batch_size=None, sampler=_Count(), num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        return iter(
+            torch.utils.data.DataLoader(
+                micro,
+                batch_size=None,
+                sampler=_Count(),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            )
+        )
 
     def __iter__(self) -> Iterator[list[dict]]:
         micro = self._micro_batches()

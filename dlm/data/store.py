@@ -84,12 +84,12 @@ class ShardWriter:
             cum = np.cumsum(lengths)
             cut = int(np.searchsorted(cum, need)) + 1  # documents up to and including the one reaching `need`
             if cut > len(lengths):
-                self._parts.append(tokens[start:start + int(cum[-1])])
+                self._parts.append(tokens[start : start + int(cum[-1])])
                 self._lengths.append(lengths)
                 self._pending += int(cum[-1])
                 return
             n = int(cum[cut - 1])
-            self._parts.append(tokens[start:start + n])
+            self._parts.append(tokens[start : start + n])
             self._lengths.append(lengths[:cut])
             self._pending += n
             self._flush()
@@ -156,14 +156,19 @@ def open_shard(path: Path) -> ShardView:
         mm = pa.memory_map(str(path), "r")
         reader = pa.ipc.open_file(mm)
     except (OSError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{path}: not a complete Arrow IPC file (truncated, or not written by "
-                         f"tokenize_fineweb): {e}") from e
+        raise ValueError(
+            f"{path}: not a complete Arrow IPC file (truncated, or not written by tokenize_fineweb): {e}"
+        ) from e
     schema = reader.schema
     meta = schema.metadata or {}
     if meta.get(META_FORMAT) != FORMAT.encode() or META_TOKENIZER not in meta:
         raise ValueError(f"{path}: not a dlm token shard (schema metadata lacks {META_FORMAT.decode()}={FORMAT})")
-    if len(schema) != 1 or schema.field(0).name != "tokens" or not pa.types.is_list(schema.field(0).type) \
-            or schema.field(0).type.value_type not in (pa.uint16(), pa.uint32()):
+    if (
+        len(schema) != 1
+        or schema.field(0).name != "tokens"
+        or not pa.types.is_list(schema.field(0).type)
+        or schema.field(0).type.value_type not in (pa.uint16(), pa.uint32())
+    ):
         raise ValueError(f"{path}: schema must be `tokens: list<uint16|uint32>`, got {schema}")
     dtype = np.dtype(schema.field(0).type.value_type.to_pandas_dtype())
     size = mm.size()
@@ -177,11 +182,16 @@ def open_shard(path: Path) -> ShardView:
         _, obuf, _, vbuf = col.buffers()
         for buf in (obuf, vbuf):
             if buf is not None and buf.size and not (lo <= buf.address and buf.address + buf.size <= lo + size):
-                raise ValueError(f"{path}: record batch {i} is not memory-mapped (compressed IPC file?); "
-                                 f"token shards must be uncompressed")
+                raise ValueError(
+                    f"{path}: record batch {i} is not memory-mapped (compressed IPC file?); "
+                    f"token shards must be uncompressed"
+                )
         off = np.frombuffer(obuf, dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
-        vals = np.frombuffer(vbuf, dtype=dtype, count=vbuf.size // dtype.itemsize) if vbuf is not None \
+        vals = (
+            np.frombuffer(vbuf, dtype=dtype, count=vbuf.size // dtype.itemsize)
+            if vbuf is not None
             else np.empty(0, dtype)
+        )
         first, last = int(off[0]), int(off[-1])
         if last > len(vals) or first > last:
             raise ValueError(f"{path}: record batch {i} has offsets beyond its values (corrupt file)")

@@ -1,6 +1,6 @@
 """Evaluation of diffusion (and, for comparison, AR) models on local task files (DESIGN section 4).
 
-    results = evaluate(model, tokenizer, [("hellaswag", "hellaswag.jsonl")], EvalConfig(num_samples=128))
+results = evaluate(model, tokenizer, [("hellaswag", "hellaswag.jsonl")], EvalConfig(num_samples=128))
 """
 
 from dlm.evaluation.readers import read_records

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Sequence
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:

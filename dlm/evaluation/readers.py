@@ -98,7 +98,9 @@ def read_records(path: str | Path) -> list[Record]:
         parquet = sorted(path.glob("*.parquet"))
         if parquet:
             return [r for f in parquet for r in _table_records(pq.read_table(f), str(f))]
-        raise ValueError(f"{path}: a folder must be a saved Arrow dataset (state.json + data-*.arrow) or hold .parquet files")
+        raise ValueError(
+            f"{path}: a folder must be a saved Arrow dataset (state.json + data-*.arrow) or hold .parquet files"
+        )
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
     if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
         return _read_json(path)
@@ -106,5 +108,7 @@ def read_records(path: str | Path) -> list[Record]:
         return _table_records(pq.read_table(path), str(path))
     if suffix == ".arrow":
         return _table_records(_read_arrow_file(path), str(path))
-    raise ValueError(f"{path}: unknown task file type {suffix!r}; "
-                     "use .jsonl, .json (optionally .gz), .parquet, .arrow or a dataset folder")
+    raise ValueError(
+        f"{path}: unknown task file type {suffix!r}; "
+        "use .jsonl, .json (optionally .gz), .parquet, .arrow or a dataset folder"
+    )

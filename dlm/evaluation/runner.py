@@ -107,8 +107,13 @@ def _diffusion_fill(model, requests: list[Request], cfg: EvalConfig, eos_fill: b
     for n in sorted(groups):
         idx = groups[n]
         sc = SamplingConfig(
-            steps=cfg.steps or n, length=n, order=cfg.order, temperature=cfg.temperature,
-            block_size=cfg.block_size, eos_fill=eos_fill, seed=cfg.seed,
+            steps=cfg.steps or n,
+            length=n,
+            order=cfg.order,
+            temperature=cfg.temperature,
+            block_size=cfg.block_size,
+            eos_fill=eos_fill,
+            seed=cfg.seed,
         )
         for s in range(0, len(idx), cfg.batch_size):
             chunk = idx[s : s + cfg.batch_size]
@@ -147,9 +152,14 @@ def eval_gsm8k(model, tok, items: list[Completion], cfg: EvalConfig) -> dict:
     preds = [extract_answer(t) for t in texts]
     hits = [p is not None and p == normalize_number(it.answer) for p, it in zip(preds, items)]
     value, se = _acc(hits)
-    return {"metric": "exact_match", "value": value, "stderr": se, "examples": [
-        {"where": it.where, "generation": t, "answer": it.answer} for it, t in list(zip(items, texts))[:3]
-    ]}
+    return {
+        "metric": "exact_match",
+        "value": value,
+        "stderr": se,
+        "examples": [
+            {"where": it.where, "generation": t, "answer": it.answer} for it, t in list(zip(items, texts))[:3]
+        ],
+    }
 
 
 def eval_infill(model, tok, items: list[Completion], cfg: EvalConfig) -> dict:
@@ -188,8 +198,9 @@ def eval_heldout(model, path: str, cfg: EvalConfig) -> tuple[int, dict]:
 
     if cfg.seq_len > model.config.max_seq_len:
         raise ValueError(f"held-out seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    ds = PackedDataset([SourceSpec(path)], seq_len=cfg.seq_len, seed=cfg.seed, split="heldout",
-                       heldout_fraction=cfg.heldout_fraction)
+    ds = PackedDataset(
+        [SourceSpec(path)], seq_len=cfg.seq_len, seed=cfg.seed, split="heldout", heldout_fraction=cfg.heldout_fraction
+    )
     windows = ds.num_windows[0]  # each held-out window once, in order
     n = windows if cfg.limit is None else min(cfg.limit, windows)
     device = model.output_weight().device
@@ -211,7 +222,13 @@ def eval_heldout(model, path: str, cfg: EvalConfig) -> tuple[int, dict]:
             nats += row_nats.tolist()
             toks += row_toks.tolist()
     value, se = ratio_stderr(nats, toks)
-    return n, {"metric": "nats_per_token", "value": value, "stderr": se, "ppl_bound": math.exp(value), "tokens": int(sum(toks))}
+    return n, {
+        "metric": "nats_per_token",
+        "value": value,
+        "stderr": se,
+        "ppl_bound": math.exp(value),
+        "tokens": int(sum(toks)),
+    }
 
 
 _RUNNERS = {"choice": eval_choice, "lambada": eval_lambada, "gsm8k": eval_gsm8k, "infill": eval_infill}

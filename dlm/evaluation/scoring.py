@@ -31,14 +31,18 @@ def question_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * _GOLDEN + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63))
 
 
-def _forward_targets(model, inputs: list[list[int]], positions: list[list[int]], targets: list[list[int]], causal: bool, ar: bool):
+def _forward_targets(
+    model, inputs: list[list[int]], positions: list[list[int]], targets: list[list[int]], causal: bool, ar: bool
+):
     """NLL [N], argmax hits [N] and row index [N] of `targets` at `positions` (output i-1 predicts
     i), row-major. `ar`: the AR original's distribution, with no probability on an appended
     [MASK] or on vocabulary padding rows."""
     longest = max(len(x) for x in inputs)
     if longest > model.config.max_seq_len:
-        raise ValueError(f"a context + continuation row has {longest} tokens, "
-                         f"more than the model's max_seq_len {model.config.max_seq_len}")
+        raise ValueError(
+            f"a context + continuation row has {longest} tokens, "
+            f"more than the model's max_seq_len {model.config.max_seq_len}"
+        )
     device = model.output_weight().device
     ids, pos = pad_rows(inputs, device=device)
     layout = AttentionLayout.from_position_ids(pos, causal=causal)
@@ -71,7 +75,9 @@ def elbo_nll(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     mask_id = model.config.mask_token_id
     if mask_id is None:
-        raise ValueError("ELBO scoring needs a diffusion model (config.mask_token_id is None); use --ar for an AR model")
+        raise ValueError(
+            "ELBO scoring needs a diffusion model (config.mask_token_id is None); use --ar for an AR model"
+        )
     K = num_samples
     causal = model.config.attention == "causal"  # attend as the model was trained (normally bidirectional)
     scores = [[0.0] * len(choices) for choices in questions]
@@ -95,7 +101,9 @@ def elbo_nll(
     for batch in _chunks(jobs(), batch_size):
         inputs, positions, targets = ([b[i] for b in batch] for i in (3, 4, 5))
         nll, _, r = _forward_targets(model, inputs, positions, targets, causal=causal, ar=False)
-        per_row = torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        per_row = (
+            torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        )
         for (q, j, t, *_), s in zip(batch, per_row):
             scores[q][j] += s / t / K
         bar.update(len(batch))

@@ -7,8 +7,8 @@ the continuation of a choice is scored given its context, with a single space be
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from dlm.evaluation.readers import Record
 
@@ -73,8 +73,12 @@ def hellaswag(where: str, rec: dict) -> MultipleChoice:
     if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
         raise ValueError(f"{where}: HellaSwag field 'endings' must be a list of strings, got {endings!r}")
     query = _hellaswag_clean(ctx)
-    return MultipleChoice(where, [query] * len(endings), [" " + _hellaswag_clean(e) for e in endings],
-                          _label(rec, "label", where, "HellaSwag", len(endings)))
+    return MultipleChoice(
+        where,
+        [query] * len(endings),
+        [" " + _hellaswag_clean(e) for e in endings],
+        _label(rec, "label", where, "HellaSwag", len(endings)),
+    )
 
 
 def piqa(where: str, rec: dict) -> MultipleChoice:
@@ -129,8 +133,12 @@ def infill(where: str, rec: dict) -> Completion:
     """prefix/middle/suffix fields, or ROCStories sentence1..sentence5 (sentences 1-2 given,
     3 generated, 4-5 given)."""
     if rec.get("middle") is not None:
-        return Completion(where, _text(rec, "prefix", where, "infill"), " " + _text(rec, "middle", where, "infill").strip(),
-                          suffix=" " + _text(rec, "suffix", where, "infill").strip())
+        return Completion(
+            where,
+            _text(rec, "prefix", where, "infill"),
+            " " + _text(rec, "middle", where, "infill").strip(),
+            suffix=" " + _text(rec, "suffix", where, "infill").strip(),
+        )
     s = [_text(rec, f"sentence{i}", where, "ROCStories") for i in range(1, 6)]
     return Completion(where, s[0] + " " + s[1], " " + s[2], suffix=" " + s[3] + " " + s[4])
 

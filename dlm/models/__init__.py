@@ -14,7 +14,7 @@ from dlm.models.config import ModelConfig
 from dlm.models.gpt2 import GPT2
 from dlm.models.llama import Llama
 
-__all__ = ["GPT2", "Llama", "ModelConfig", "PRESETS", "build_model", "preset"]
+__all__ = ["GPT2", "PRESETS", "Llama", "ModelConfig", "build_model", "preset"]
 
 
 def _llama(**kw) -> ModelConfig:
@@ -23,26 +23,66 @@ def _llama(**kw) -> ModelConfig:
 
 def _gpt2(dim: int, n_layers: int, n_heads: int, **kw) -> ModelConfig:
     base = dict(vocab_size=50257, max_seq_len=1024, bos_token_id=50256, eos_token_id=50256)
-    return ModelConfig(family="gpt2", dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim, tie_embeddings=True, **{**base, **kw})
+    return ModelConfig(
+        family="gpt2",
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        ffn_dim=4 * dim,
+        tie_embeddings=True,
+        **{**base, **kw},
+    )
 
 
 PRESETS = {
     "llama2-7b": lambda: _llama(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=4096, bos_token_id=1, eos_token_id=2
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        ffn_dim=11008,
+        max_seq_len=4096,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "tinyllama-1.1b": lambda: _llama(
-        vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048, bos_token_id=1, eos_token_id=2
+        vocab_size=32000,
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        ffn_dim=5632,
+        max_seq_len=2048,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "smollm2-135m": lambda: _llama(
-        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=8192,
-        rope_theta=100000.0, tie_embeddings=True, bos_token_id=0, eos_token_id=0,
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        ffn_dim=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
     "gpt2": lambda: _gpt2(768, 12, 12),
     "gpt2-medium": lambda: _gpt2(1024, 24, 16),
     "gpt2-large": lambda: _gpt2(1280, 36, 20),
     # test sizes: a few hundred thousand parameters, still exercising GQA / untied heads
     "tiny-llama": lambda: _llama(
-        vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=256, bos_token_id=1, eos_token_id=2
+        vocab_size=256,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=176,
+        max_seq_len=256,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "tiny-gpt2": lambda: _gpt2(64, 2, 4, vocab_size=256, max_seq_len=256, bos_token_id=255, eos_token_id=255),
 }

@@ -61,7 +61,9 @@ class GPT2(nn.Module):
         if not cfg.tie_embeddings:
             raise ValueError("GPT-2 ties its input and output embeddings; set tie_embeddings=True")
         if cfg.n_kv_heads != cfg.n_heads:
-            raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads {cfg.n_kv_heads} != n_heads {cfg.n_heads}")
+            raise ValueError(
+                f"GPT-2 has no grouped-query attention: n_kv_heads {cfg.n_kv_heads} != n_heads {cfg.n_heads}"
+            )
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)  # HF wte
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)  # HF wpe
@@ -74,7 +76,9 @@ class GPT2(nn.Module):
     def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, head=None):
         """Logits [B, L, V], or `head(hidden, output_weight)` so a fused loss never builds them."""
         if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds GPT-2's {self.config.max_seq_len} learned positions")
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds GPT-2's {self.config.max_seq_len} learned positions"
+            )
         h = self.tok_embeddings(input_ids) + self.pos_embeddings(layout.position_ids)
         for layer in self.layers:
             h = layer(h, layout)

@@ -26,7 +26,14 @@ from dlm.models.mask_token import add_mask_token
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
 # HF buffers and duplicates that carry no parameters of ours
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -235,7 +242,9 @@ class HFCheckpoint:
                     raise FileNotFoundError(f"{index}: names shard {p.name}, which is missing")
             return files
         if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
-            raise ValueError(f"{self.folder}: only pickle weights (*.bin / *.pt) found; convert them to safetensors (pickles are never loaded)")
+            raise ValueError(
+                f"{self.folder}: only pickle weights (*.bin / *.pt) found; convert them to safetensors (pickles are never loaded)"
+            )
         raise FileNotFoundError(f"{self.folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
     def _resolve(self, wanted: dict[str, tuple[str, bool]]) -> dict[str, tuple[str, bool]]:
@@ -268,7 +277,9 @@ class HFCheckpoint:
         expected = self._shapes[name]
         got = tuple(t.t().shape if transposed else t.shape)
         if got != expected:
-            raise ValueError(f"{self._files[theirs]}: tensor {theirs!r} has shape {tuple(t.shape)}, config implies {expected}")
+            raise ValueError(
+                f"{self._files[theirs]}: tensor {theirs!r} has shape {tuple(t.shape)}, config implies {expected}"
+            )
         return t.t().contiguous() if transposed else t
 
 
@@ -281,7 +292,9 @@ def load_hf_model(
 ) -> nn.Module:
     """A model from a HF folder. mask_token_id: "append" adds a new `[MASK]` (unless the folder is
     our export and has one), an int reuses that existing id, None keeps the AR original."""
-    if not (mask_token_id in ("append", None) or (isinstance(mask_token_id, int) and not isinstance(mask_token_id, bool))):
+    if not (
+        mask_token_id in ("append", None) or (isinstance(mask_token_id, int) and not isinstance(mask_token_id, bool))
+    ):
         raise ValueError(f"mask_token_id must be 'append', an int or None, got {mask_token_id!r}")
     if attention not in ("bidirectional", "causal"):
         raise ValueError(f"attention must be 'bidirectional' or 'causal', got {attention!r}")
@@ -333,7 +346,9 @@ def save_hf_model(
     key_map = hf_key_map(cfg)
     missing, unexpected = set(key_map) - set(state), set(state) - set(key_map)
     if missing or unexpected:
-        raise KeyError(f"state dict does not match the {cfg.family} config: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        raise KeyError(
+            f"state dict does not match the {cfg.family} config: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
     tensors = {}
     for ours, (theirs, transposed) in key_map.items():
         t = state[ours]

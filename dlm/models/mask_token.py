@@ -34,7 +34,9 @@ def add_mask_token(
         raise ValueError(f"the model already has a [MASK] token (id {cfg.mask_token_id})")
     if mask_token_id is not None:
         if not 0 <= mask_token_id < cfg.base_vocab_size:
-            raise ValueError(f"mask_token_id {mask_token_id} is not an existing token id (vocabulary {cfg.base_vocab_size})")
+            raise ValueError(
+                f"mask_token_id {mask_token_id} is not an existing token id (vocabulary {cfg.base_vocab_size})"
+            )
         return dict(state_dict), cfg.replace(mask_token_id=mask_token_id)
 
     new_id = cfg.base_vocab_size
@@ -47,7 +49,9 @@ def add_mask_token(
         if table.shape[0] != cfg.vocab_size:
             raise ValueError(f"{name} has {table.shape[0]} rows but the config says vocab_size {cfg.vocab_size}")
         if cfg.vocab_size != cfg.base_vocab_size:
-            raise ValueError(f"cannot append [MASK]: vocabulary is already resized ({cfg.base_vocab_size} -> {cfg.vocab_size})")
+            raise ValueError(
+                f"cannot append [MASK]: vocabulary is already resized ({cfg.base_vocab_size} -> {cfg.vocab_size})"
+            )
         out[name] = _grow(table, vocab)
     if "tok_embeddings.weight" not in out:
         raise ValueError("state dict has no tok_embeddings.weight to extend with a [MASK] row")

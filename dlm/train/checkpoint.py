@@ -126,8 +126,11 @@ class Checkpointer:
         if state["world_size"] == self.world_size:
             _set_rng_state(load_file(str(path / "rng" / f"rank_{self.rank:05d}.safetensors")))
         else:
-            logger.info("world size changed (%d -> %d): RNG states not restored (data order and noise "
-                        "do not depend on them)", state["world_size"], self.world_size)
+            logger.info(
+                "world size changed (%d -> %d): RNG states not restored (data order and noise do not depend on them)",
+                state["world_size"],
+                self.world_size,
+            )
         return state
 
 
@@ -147,7 +150,9 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- inference-side loading
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """A full model for generation / evaluation / export from a training checkpoint folder, a
     run folder (its newest complete checkpoint) or a Hugging Face style folder."""
     p = Path(path)
@@ -172,8 +177,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     return model.to(device=device, dtype=dtype).eval()
 
 
-def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
-                      tokenizer_from: str | os.PathLike | None = None) -> Path:
+def export_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> Path:
     """Write a training checkpoint as a Hugging Face style folder (config.json + safetensors)."""
     from dlm.models.hf import TOKENIZER_FILES, save_hf_model
 

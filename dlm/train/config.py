@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from dlm.atomic import atomic_write_text
 from dlm.models.config import ModelConfig
@@ -136,6 +137,7 @@ class ConfigError(ValueError):
 
 _SCALARS = {bool: "true/false", int: "an integer", str: "a string"}  # what a mismatch message expects
 
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to the annotated type `tp`, or raise naming `where`."""
     origin = typing.get_origin(tp)
@@ -252,7 +254,9 @@ def validate(cfg: TrainConfig) -> None:
     if d.weights and len(d.weights) != len(d.paths):
         raise ConfigError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
     if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}")
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}"
+        )
     if t.steps <= 0:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")
     if len(o.betas) != 2:
@@ -290,6 +294,7 @@ def check_world(cfg: TrainConfig, world_size: int) -> int:
 
 
 # ---------------------------------------------------------------- writing the resolved config
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):

@@ -27,8 +27,13 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimSection, s
     config the source of truth again, so e.g. `--optim.lr` on a resumed run takes effect at once."""
     decay_group, no_decay_group = optimizer.param_groups
     for group, wd in ((decay_group, cfg.weight_decay), (no_decay_group, 0.0)):
-        group.update(lr=cfg.lr * lr_factor(step, cfg, total_steps), initial_lr=cfg.lr, betas=tuple(cfg.betas),
-                     eps=cfg.eps, weight_decay=wd)
+        group.update(
+            lr=cfg.lr * lr_factor(step, cfg, total_steps),
+            initial_lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            weight_decay=wd,
+        )
 
 
 def lr_factor(step: int, cfg: OptimSection, total_steps: int) -> float:

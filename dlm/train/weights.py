@@ -5,9 +5,9 @@ each rank's shard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -46,8 +46,12 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
         base = preset(section.preset)
         if data_tokenizer is not None and "vocab_size" not in section.overrides:
             v = data_tokenizer["vocab_size"]
-            base = base.replace(vocab_size=v, base_vocab_size=v, bos_token_id=data_tokenizer.get("bos_id"),
-                                eos_token_id=data_tokenizer.get("eos_id"))
+            base = base.replace(
+                vocab_size=v,
+                base_vocab_size=v,
+                bos_token_id=data_tokenizer.get("bos_id"),
+                eos_token_id=data_tokenizer.get("eos_id"),
+            )
         overrides = dict(section.overrides)
         if "vocab_size" in overrides and "base_vocab_size" not in overrides:
             overrides["base_vocab_size"] = overrides["vocab_size"]
@@ -70,8 +74,10 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
 
     ckpt = HFCheckpoint(section.init_from)
     if section.preset or section.overrides:
-        raise ValueError(f"model.init_from = {section.init_from!r} takes its architecture from config.json; "
-                         "leave model.preset and model.overrides empty")
+        raise ValueError(
+            f"model.init_from = {section.init_from!r} takes its architecture from config.json; "
+            "leave model.preset and model.overrides empty"
+        )
     base = ckpt.config
     cfg = _with_mask(base, mask_id).replace(attention=section.attention, attn_backend=section.attn_backend)
 

@@ -13,9 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-_WORDS = ("the of and to in is was for on that with as by at from his her they this which be or an had are "
-          "not but were it one all she he we you their has been who two more would when there will can said "
-          "may about into only other new some could time these first river stone night city light water").split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "they", "this", "which", "be", "or", "an", "had", "are", "not", "but", "were", "it", "one", "all", "she", "he", "we", "you", "their", "has", "been", "who", "two", "more", "would", "when", "there", "will", "can", "said", "may", "about", "into", "only", "other", "new", "some", "could", "time", "these", "first", "river", "stone", "night", "city", "light", "water"]
 _ODD = ["</s>", "<s>", "<|endoftext|>", "wörld", "東京", "naïve", "  double  space", "tab\there", "line\nbreak", "42"]
 
 
@@ -41,17 +39,33 @@ def tok_dir(tmp_path_factory) -> Path:
     corpus = make_docs(2000, seed=1)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=400, model_type="bpe", unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     (root / "spm").mkdir()
     (root / "spm" / "tokenizer.model").write_bytes(buf.getvalue())
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
     (root / "hf").mkdir()
     tok.save(str(root / "hf" / "tokenizer.json"))
@@ -86,7 +100,7 @@ def slimpajama_files(folder: Path, docs: list[str], n_files: int) -> Path:
     folder.mkdir()
     per = -(-len(docs) // n_files)
     for i in range(n_files):
-        write_jsonl(folder / f"p{i:02d}.jsonl.zst", slimpajama(docs[i * per:(i + 1) * per]))
+        write_jsonl(folder / f"p{i:02d}.jsonl.zst", slimpajama(docs[i * per : (i + 1) * per]))
     return folder
 
 
@@ -112,5 +126,10 @@ def corpus_dir(tmp_path) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def h() -> SimpleNamespace:
     """Helpers for test modules (conftest is not importable under --import-mode=importlib)."""
-    return SimpleNamespace(make_docs=make_docs, write_jsonl=write_jsonl, write_parquet=write_parquet,
-                           slimpajama=slimpajama, slimpajama_files=slimpajama_files)
+    return SimpleNamespace(
+        make_docs=make_docs,
+        write_jsonl=write_jsonl,
+        write_parquet=write_parquet,
+        slimpajama=slimpajama,
+        slimpajama_files=slimpajama_files,
+    )

@@ -25,8 +25,23 @@ def _build(root: Path, h, tok, name: str, seed: int, n_docs: int = 240, long_eve
     for f in range(3):
         h.write_jsonl(inputs / f"p{f}.jsonl.zst", h.slimpajama(docs[f::3]))
     out = root / name
-    assert main(["plan", str(inputs), "-o", str(out), "--tokenizer", str(tok), "--files-per-unit", "2",
-                 "--batch-tokens", "600"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(inputs),
+                "-o",
+                str(out),
+                "--tokenizer",
+                str(tok),
+                "--files-per-unit",
+                "2",
+                "--batch-tokens",
+                "600",
+            ]
+        )
+        == 0
+    )
     assert main(["run", str(out), "--workers", "1", "--no-progress"]) == 0
     return out
 
@@ -58,8 +73,8 @@ def test_samples_match_brute_force(stores):
         s, w, start = ds.locate(k)
         assert start == w * L
         x = ds[k]
-        assert x["input_ids"].tolist() == toks[start:start + L].tolist()
-        assert x["labels"].tolist() == toks[start + 1:start + L + 1].tolist()
+        assert x["input_ids"].tolist() == toks[start : start + L].tolist()
+        assert x["labels"].tolist() == toks[start + 1 : start + L + 1].tolist()
         pos, p = [], 0
         for i in range(L):
             p = 0 if i == 0 or start + i in starts else p + 1
@@ -122,7 +137,7 @@ def test_blended_dataset(stores):
         assert ds.locate(k)[2] == start  # a source's window order is seeded by (seed, its name, epoch)
     with pytest.raises(ValueError, match="unique"):
         PackedDataset([web, SourceSpec(str(stores["code"]), 1, "web")], seq_len=L, seed=0)
-    assert ds[ks[0]]["input_ids"].tolist() == code_toks[ds.locate(ks[0])[2]:][:L].tolist()
+    assert ds[ks[0]]["input_ids"].tolist() == code_toks[ds.locate(ks[0])[2] :][:L].tolist()
 
 
 def _steps(ds, G, b, W, consumed, n_steps, num_workers=0):
@@ -164,16 +179,20 @@ def test_steps_identical_across_world_sizes_and_resume(stores):
 def test_fingerprint_and_resume_checks(stores, tmp_path, h, spm_path):
     web, code = str(stores["web"]), str(stores["code"])
     base = PackedDataset([SourceSpec(web, 7), SourceSpec(code, 3)], seq_len=L, seed=0)
-    same = PackedDataset([SourceSpec(web, 0.7), SourceSpec(code, 0.3)], seq_len=L, seed=1,
-                         index_dir=tmp_path / "elsewhere")
+    same = PackedDataset(
+        [SourceSpec(web, 0.7), SourceSpec(code, 0.3)], seq_len=L, seed=1, index_dir=tmp_path / "elsewhere"
+    )
     assert base.fingerprint == same.fingerprint  # same inputs, other index folder, other seed
     changed = [
         PackedDataset([SourceSpec(web, 6), SourceSpec(code, 3)], seq_len=L, seed=0),
         PackedDataset([SourceSpec(web, 7), SourceSpec(code, 3)], seq_len=L, seed=0, heldout_fraction=0.01),
         PackedDataset([SourceSpec(web, 7)], seq_len=L, seed=0),
         PackedDataset([SourceSpec(web, 7), SourceSpec(code, 3, "c2")], seq_len=L, seed=0),
-        PackedDataset([SourceSpec(web, 7), SourceSpec(str(_build(tmp_path, h, spm_path, "code2", 22, n_docs=239)), 3,
-                                                       "code")], seq_len=L, seed=0),  # one document fewer
+        PackedDataset(
+            [SourceSpec(web, 7), SourceSpec(str(_build(tmp_path, h, spm_path, "code2", 22, n_docs=239)), 3, "code")],
+            seq_len=L,
+            seed=0,
+        ),  # one document fewer
     ]
     fps = {base.fingerprint} | {d.fingerprint for d in changed}
     assert len(fps) == 1 + len(changed)

@@ -17,8 +17,23 @@ FACTS = {"kind": "test", "vocab_size": 70000}
 def store(tmp_path, h, spm_path):
     inputs = h.slimpajama_files(tmp_path / "in", h.make_docs(400, seed=11), 4)
     out = tmp_path / "store"
-    assert main(["plan", str(inputs), "-o", str(out), "--tokenizer", str(spm_path), "--files-per-unit", "2",
-                 "--batch-tokens", "900"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(inputs),
+                "-o",
+                str(out),
+                "--tokenizer",
+                str(spm_path),
+                "--files-per-unit",
+                "2",
+                "--batch-tokens",
+                "900",
+            ]
+        )
+        == 0
+    )
     assert main(["run", str(out), "--workers", "1", "--no-progress"]) == 0
     return out
 
@@ -37,8 +52,10 @@ def test_reads_are_zero_copy(store):
 def _rewrite(path, compression):
     with pa.ipc.open_file(path) as r:
         table = r.read_all()
-    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema,
-                                                           options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+    with (
+        pa.OSFile(str(path), "wb") as f,
+        pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w,
+    ):
         for batch in table.to_batches():
             w.write_batch(batch)
 
@@ -98,8 +115,8 @@ def test_batches_cut_by_documents_not_by_caller_chunks(tmp_path):
         w = ShardWriter(tmp_path / f"c{chunk}.arrow", schema, batch_tokens=100)
         pos = 0
         for i in range(0, 200, chunk):
-            n = int(lengths[i:i + chunk].sum())
-            w.add(toks[pos:pos + n], lengths[i:i + chunk])
+            n = int(lengths[i : i + chunk].sum())
+            w.add(toks[pos : pos + n], lengths[i : i + chunk])
             pos += n
         w.commit()
         outs.append((tmp_path / f"c{chunk}.arrow").read_bytes())

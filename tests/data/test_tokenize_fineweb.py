@@ -25,8 +25,11 @@ def tf(*args) -> int:
 
 
 def store_files(store: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.suffix in (".arrow", ".json")
-            and p.name != "stats.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(store.iterdir())
+        if p.suffix in (".arrow", ".json") and p.name != "stats.json"
+    }
 
 
 def documents(store: Path) -> list[list[int]]:
@@ -80,8 +83,10 @@ def test_two_runs_byte_identical_and_rerun_skips(tmp_path, corpus_dir, tok_dir, 
     assert "5 already done, 0 to do" in capsys.readouterr().out
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
     # an identical re-plan is accepted, a different one refused
-    assert tf("plan", inputs, "--output", a, "--tokenizer", tok_dir / "gpt2", "--files-per-unit", 2,
-              "--batch-tokens", 300) == 0
+    assert (
+        tf("plan", inputs, "--output", a, "--tokenizer", tok_dir / "gpt2", "--files-per-unit", 2, "--batch-tokens", 300)
+        == 0
+    )
     assert tf("plan", inputs, "--output", a, "--tokenizer", tok_dir / "gpt2") == 1
     assert "different plan" in capsys.readouterr().err
 
@@ -125,15 +130,22 @@ def test_killed_unit_recovers(tmp_path, h, spm_path):
     (store / "unit-00003.arrow.tmp-host-123").write_bytes((ref / "unit-00003.arrow").read_bytes()[:500])
     (store / "unit-00004.arrow").write_bytes((ref / "unit-00004.arrow").read_bytes()[:700])
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.tokenize_fineweb", "run", str(store), "--workers", "1",
-                             "--no-progress"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.tokenize_fineweb", "run", str(store), "--workers", "1", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not list(store.glob("unit-*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # a real kill at an arbitrary point of the run
     proc.wait()
     for side in store.glob("unit-*.json"):  # whatever is marked done is complete and correct
-        assert (store / side.name.replace(".json", ".arrow")).read_bytes() == (ref / side.name.replace(".json", ".arrow")).read_bytes()
+        assert (store / side.name.replace(".json", ".arrow")).read_bytes() == (
+            ref / side.name.replace(".json", ".arrow")
+        ).read_bytes()
     assert tf("verify", store) == 1  # not everything is done: verify refuses
     assert tf("run", store, "--workers", 1, "--no-progress") == 0
     assert not list(store.glob("*.tmp-*"))
@@ -142,6 +154,7 @@ def test_killed_unit_recovers(tmp_path, h, spm_path):
 
 
 # ---- bad input -----------------------------------------------------------------------------------
+
 
 def _one_file_store(tmp_path, spm_path, path, *extra):
     store = tmp_path / f"store-{path.name}-{len(extra)}"
@@ -158,9 +171,16 @@ def _expect_error(capsys, store, *needles):
 
 
 BAD_RECORDS = {  # name -> (records, needle in error, skip reason)
-    "invalid_json": (['{"text": "ok one"}', '{"text": "broken', '{"text": "ok two"}'], "line 2: invalid JSON", "invalid_json"),
-    "missing_text": (['{"text": "ok one"}', '{"body": "x"}', '{"text": "ok two"}'], "line 2: field 'text' is missing",
-                     "missing_text"),
+    "invalid_json": (
+        ['{"text": "ok one"}', '{"text": "broken', '{"text": "ok two"}'],
+        "line 2: invalid JSON",
+        "invalid_json",
+    ),
+    "missing_text": (
+        ['{"text": "ok one"}', '{"body": "x"}', '{"text": "ok two"}'],
+        "line 2: field 'text' is missing",
+        "missing_text",
+    ),
     "empty": (['{"text": "ok one"}', '{"text": ""}', '{"text": "ok two"}'], "line 2: empty document", "empty"),
 }
 
@@ -171,6 +191,7 @@ def test_bad_records_error_or_counted_skip(tmp_path, spm_path, h, capsys, kind):
     if kind == "non_utf8":
         data = b'{"text": "ok one"}\n{"text": "caf\xe9"}\n{"text": "ok two"}\n'
         import zstandard
+
         path.write_bytes(zstandard.ZstdCompressor().compress(data))
         needle, reason = "line 2: line is not valid UTF-8", "non_utf8"
     else:
@@ -226,8 +247,7 @@ def test_wrong_tokenizer(tmp_path, spm_path, h, capsys):
 
 def test_set_name_filters(tmp_path, spm_path, h):
     path = h.write_jsonl(tmp_path / "s.jsonl", h.slimpajama(h.make_docs(30, seed=4), sets=("A", "B", "C")))
-    store = _one_file_store(tmp_path, spm_path, path, "--include-set", "A", "--include-set", "B",
-                            "--exclude-set", "B")
+    store = _one_file_store(tmp_path, spm_path, path, "--include-set", "A", "--include-set", "B", "--exclude-set", "B")
     assert tf("run", store, "--workers", 1, "--no-progress") == 0
     side = json.loads((store / "unit-00000.json").read_text())
     assert (side["documents"], side["filtered"]) == (10, 20)

@@ -12,7 +12,7 @@ TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog in 1999 and again in 2024.",
     "Reading comprehension passages tell stories about cats, kittens, barns and farms.",
     "Numbers like 3.14159, 42 and 1,000,000 appear in census tables; 7.5% of people agree.",
-    "Ünïcödé text, emoji \U0001F600 and tabs\tand  double  spaces must survive a round trip.",
+    "Ünïcödé text, emoji \U0001f600 and tabs\tand  double  spaces must survive a round trip.",
 ] * 4
 
 
@@ -22,13 +22,19 @@ def bpe_reference():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TRAIN_TEXT, trainer)
     return tok
 
@@ -67,10 +73,15 @@ def _hf_state(vocab: int, seed: int) -> dict[str, np.ndarray]:
     for i in range(TINY["n_layers"]):
         p = f"model.layers.{i}."
         sd |= {
-            p + "self_attn.q_proj.weight": w(D, D, std=0.25), p + "self_attn.k_proj.weight": w(TINY["n_kv_heads"] * hd, D, std=0.25),
-            p + "self_attn.v_proj.weight": w(TINY["n_kv_heads"] * hd, D), p + "self_attn.o_proj.weight": w(D, D),
-            p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D), p + "mlp.down_proj.weight": w(D, F),
-            p + "input_layernorm.weight": 1 + w(D, std=0.1), p + "post_attention_layernorm.weight": 1 + w(D, std=0.1),
+            p + "self_attn.q_proj.weight": w(D, D, std=0.25),
+            p + "self_attn.k_proj.weight": w(TINY["n_kv_heads"] * hd, D, std=0.25),
+            p + "self_attn.v_proj.weight": w(TINY["n_kv_heads"] * hd, D),
+            p + "self_attn.o_proj.weight": w(D, D),
+            p + "mlp.gate_proj.weight": w(F, D),
+            p + "mlp.up_proj.weight": w(F, D),
+            p + "mlp.down_proj.weight": w(D, F),
+            p + "input_layernorm.weight": 1 + w(D, std=0.1),
+            p + "post_attention_layernorm.weight": 1 + w(D, std=0.1),
         }
     return sd
 
@@ -134,7 +145,9 @@ def tiny_gguf(tmp_path_factory, bpe_reference):
         else:
             w.add_tensor(names[hf], data, raw_dtype=qt)
         # quantization works row by row, so it commutes with the row permutation
-        expected[hf] = np.asarray(gguf.quants.dequantize(gguf.quants.quantize(arr.astype(np.float32), qt), qt), dtype=np.float32).reshape(arr.shape)
+        expected[hf] = np.asarray(
+            gguf.quants.dequantize(gguf.quants.quantize(arr.astype(np.float32), qt), qt), dtype=np.float32
+        ).reshape(arr.shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

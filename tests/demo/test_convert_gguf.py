@@ -41,9 +41,18 @@ def test_weights_config_and_files(converted, demo_constants):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
-        TINY["dim"], TINY["n_layers"], TINY["n_heads"], TINY["n_kv_heads"])
+        TINY["dim"],
+        TINY["n_layers"],
+        TINY["n_heads"],
+        TINY["n_kv_heads"],
+    )
     assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in got
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["rope_theta"], cfg["rms_norm_eps"]) == (1, 2, TINY["theta"], TINY["eps"])
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["rope_theta"], cfg["rms_norm_eps"]) == (
+        1,
+        2,
+        TINY["theta"],
+        TINY["eps"],
+    )
     tcfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
 
@@ -99,7 +108,11 @@ def test_tokenizer_matches_reference_and_round_trips(converted, bpe_reference, d
 
     folder, _ = converted
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    texts = demo_constants["texts"][:4] + ["Year 2024: 31,415 cats.", "  leading spaces\nnew line", "héllo wörld ∑ 数字 42"]
+    texts = demo_constants["texts"][:4] + [
+        "Year 2024: 31,415 cats.",
+        "  leading spaces\nnew line",
+        "héllo wörld ∑ 数字 42",
+    ]
     for t in texts:
         assert tok.encode(t).ids == bpe_reference.encode(t).ids, t
         assert tok.decode(tok.encode(t).ids) == t
@@ -138,8 +151,11 @@ def test_unsupported_files_are_refused(tmp_path, bpe_reference, demo_constants):
     import gguf
 
     tokens, types, merges = demo_constants["bpe_tables"](bpe_reference)
-    cases = (("gpt2", "smollm", True, "only 'llama'"), ("llama", "qwen2", True, "pre-tokenizer 'qwen2'"),
-             ("llama", "smollm", False, "'llama.attention.layer_norm_rms_epsilon' is missing"))
+    cases = (
+        ("gpt2", "smollm", True, "only 'llama'"),
+        ("llama", "qwen2", True, "pre-tokenizer 'qwen2'"),
+        ("llama", "smollm", False, "'llama.attention.layer_norm_rms_epsilon' is missing"),
+    )
     for arch, pre, with_eps, match in cases:
         path = tmp_path / f"{arch}-{pre}-{with_eps}.gguf"
         w = gguf.GGUFWriter(str(path), arch)

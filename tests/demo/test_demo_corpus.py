@@ -19,7 +19,9 @@ HELLASWAG_END = "goes down slowly behind the old barn at the edge of the quiet l
 
 
 def _story(i: int) -> str:
-    return f"Story number {i}. " + " ".join(f"Cotton the kitten number {i} met friend {j} near the barn." for j in range(6))
+    return f"Story number {i}. " + " ".join(
+        f"Cotton the kitten number {i} met friend {j} near the barn." for j in range(6)
+    )
 
 
 def _write_requests(path: Path, records: list[dict]) -> None:
@@ -42,25 +44,51 @@ def olmo_tree(tmp_path):
     # CoQA: one record per question turn, the story repeated
     coqa = [{"doc": {"story": _story(i)}, "request": {"context": "x"}} for i in range(12) for _ in range(3)]
     _write_requests(tasks / "coqa/bpb_0shot/requests.jsonl.gz", coqa)
-    squad_bg = [f"Paragraph {i} about Harvard University and its rowing teams, founded long ago in year {1600 + i}.{FILL}" for i in range(6)]
-    squad = [{"doc": {"query": f"Title: T\nBackground: {squad_bg[i]}\nQuestion: q?\nAnswer:"},
-              "request": {"context": f"Intro.\n\nTitle: U\nBackground: {squad_bg[(i + 1) % 6]}\nQuestion: a?\nAnswer: b\n\n"
-                                     f"Title: T\nBackground: {squad_bg[i]}\nQuestion: q?\nAnswer:"}} for i in range(6)]
+    squad_bg = [
+        f"Paragraph {i} about Harvard University and its rowing teams, founded long ago in year {1600 + i}.{FILL}"
+        for i in range(6)
+    ]
+    squad = [
+        {
+            "doc": {"query": f"Title: T\nBackground: {squad_bg[i]}\nQuestion: q?\nAnswer:"},
+            "request": {
+                "context": f"Intro.\n\nTitle: U\nBackground: {squad_bg[(i + 1) % 6]}\nQuestion: a?\nAnswer: b\n\n"
+                f"Title: T\nBackground: {squad_bg[i]}\nQuestion: q?\nAnswer:"
+            },
+        }
+        for i in range(6)
+    ]
     _write_requests(tasks / "squad/bpb_5shot/requests.jsonl.gz", squad)
     # DROP: one passage repeats the HellaSwag item verbatim, so it must be dropped
-    drop_p = [f"As of the census of {2000 + i}, there were {7000 + i} people residing in the county, said the report.{FILL}"
-              for i in range(5)] + [f"Earlier that day. {HELLASWAG_CTX} {HELLASWAG_END} Then he went home for the night."]
-    drop = [{"doc": {"query": f"Passage: {p}\nQuestion: q?\nAnswer:"}, "request": {"context": f"Passage: {p}\nQuestion: q?\nAnswer:"}}
-            for p in drop_p]
+    drop_p = [
+        f"As of the census of {2000 + i}, there were {7000 + i} people residing in the county, said the report.{FILL}"
+        for i in range(5)
+    ] + [f"Earlier that day. {HELLASWAG_CTX} {HELLASWAG_END} Then he went home for the night."]
+    drop = [
+        {
+            "doc": {"query": f"Passage: {p}\nQuestion: q?\nAnswer:"},
+            "request": {"context": f"Passage: {p}\nQuestion: q?\nAnswer:"},
+        }
+        for p in drop_p
+    ]
     _write_requests(tasks / "drop/bpb_5shot/requests.jsonl.gz", drop)
-    boolq = [f"Wikipedia passage {i} about ethanol fuel, energy balance and farming of corn in Iowa.{FILL}" for i in range(10)]
+    boolq = [
+        f"Wikipedia passage {i} about ethanol fuel, energy balance and farming of corn in Iowa.{FILL}"
+        for i in range(10)
+    ]
     boolq += ["too short", boolq[0]]
-    _write_arrow(hf / "boolq/none/validation/data-00000-of-00001.arrow",
-                 pa.table({"question": ["q"] * len(boolq), "answer": [True] * len(boolq), "passage": boolq}))
-    _write_arrow(hf / "hellaswag/none/validation/data-00000-of-00001.arrow",
-                 pa.table({"ctx": [HELLASWAG_CTX], "endings": [["a b", HELLASWAG_END, "c", "d"]], "label": ["1"]}))
-    _write_arrow(hf / "piqa/plain_text/validation/data-00000-of-00001.arrow",
-                 pa.table({"goal": ["How to open a jar?"], "sol1": ["Twist the lid."], "sol2": ["Hit it."], "label": [0]}))
+    _write_arrow(
+        hf / "boolq/none/validation/data-00000-of-00001.arrow",
+        pa.table({"question": ["q"] * len(boolq), "answer": [True] * len(boolq), "passage": boolq}),
+    )
+    _write_arrow(
+        hf / "hellaswag/none/validation/data-00000-of-00001.arrow",
+        pa.table({"ctx": [HELLASWAG_CTX], "endings": [["a b", HELLASWAG_END, "c", "d"]], "label": ["1"]}),
+    )
+    _write_arrow(
+        hf / "piqa/plain_text/validation/data-00000-of-00001.arrow",
+        pa.table({"goal": ["How to open a jar?"], "sol1": ["Twist the lid."], "sol2": ["Hit it."], "label": [0]}),
+    )
     return tasks, hf
 
 

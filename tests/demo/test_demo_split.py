@@ -14,8 +14,10 @@ from launch.demo import tokenize
 
 
 def _passages(n: int, tag: str) -> list[Passage]:
-    return [Passage(f"{tag} passage {i}: " + "the river ran past the stone city " * (1 + i % 5), "squad", "x")
-            for i in range(n)]
+    return [
+        Passage(f"{tag} passage {i}: " + "the river ran past the stone city " * (1 + i % 5), "squad", "x")
+        for i in range(n)
+    ]
 
 
 def _corpus(root, bpe_reference, train_name: str, heldout_name: str):
@@ -29,14 +31,17 @@ def _corpus(root, bpe_reference, train_name: str, heldout_name: str):
 
 def test_heldout_split_is_exactly_the_parquet_unit(tmp_path, bpe_reference):
     # the demo corpus layout: corpus/jsonl/train/... sorts before corpus/parquet/heldout/...
-    tok, train_file, heldout_file = _corpus(tmp_path, bpe_reference, "jsonl/train/demo.jsonl.zst",
-                                            "parquet/heldout/demo.parquet")
+    tok, train_file, heldout_file = _corpus(
+        tmp_path, bpe_reference, "jsonl/train/demo.jsonl.zst", "parquet/heldout/demo.parquet"
+    )
     store = tmp_path / "store"
     fraction = tokenize(store, tok, train_file, heldout_file)
     assert tokenize(store, tok, train_file, heldout_file) == fraction  # a rerun reuses the store
 
-    split = {s: PackedDataset([SourceSpec(str(store))], seq_len=8, seed=0, split=s, heldout_fraction=fraction)
-             for s in ("train", "heldout")}
+    split = {
+        s: PackedDataset([SourceSpec(str(store))], seq_len=8, seed=0, split=s, heldout_fraction=fraction)
+        for s in ("train", "heldout")
+    }
     train_src, held_src = split["train"]._sources[0], split["heldout"]._sources[0]
     side = json.loads((store / "unit-00001.json").read_text())
     assert side["inputs"] == [str(heldout_file)]

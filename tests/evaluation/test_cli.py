@@ -16,7 +16,7 @@ from dlm.models.hf import save_hf_model
 from dlm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "the of and to in is was river stone night city light water red blue cat dog ran sat".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "river", "stone", "night", "city", "light", "water", "red", "blue", "cat", "dog", "ran", "sat"]
 
 
 def _script(name: str):
@@ -35,8 +35,17 @@ def hf_folder(tmp_path_factory) -> Path:
     corpus = [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 12))) + "." for _ in range(400)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=80, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2, num_threads=1)
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=80,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
+    )
     (root / "tok").mkdir()
     (root / "tok" / "tokenizer.model").write_bytes(buf.getvalue())
     vocab = load_tokenizer(root / "tok").vocab_size
@@ -50,8 +59,27 @@ def hf_folder(tmp_path_factory) -> Path:
 def test_generate_cli(hf_folder, tmp_path, capsys):
     gen = _script("generate")
     out = tmp_path / "samples.jsonl"
-    assert gen.main([str(hf_folder), "--prompt", "the river", "--suffix", " cat sat.", "--length", "5", "--steps", "5",
-                     "--order", "margin", "--show-steps", "--out", str(out)]) == 0
+    assert (
+        gen.main(
+            [
+                str(hf_folder),
+                "--prompt",
+                "the river",
+                "--suffix",
+                " cat sat.",
+                "--length",
+                "5",
+                "--steps",
+                "5",
+                "--order",
+                "margin",
+                "--show-steps",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count("step ") == 5 and gen.MASK_GLYPH * 5 not in printed.splitlines()[-2]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -61,15 +89,64 @@ def test_generate_cli(hf_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": "", "suffix": " dog."}) + "\n")
     out2 = tmp_path / "more.jsonl"
-    assert gen.main([str(hf_folder), "--prompts-file", str(prompts), "--num-samples", "2", "--length", "4", "--steps", "2",
-                     "--temperature", "1.0", "--top-k", "5", "--block-size", "2", "--batch-size", "3", "--seed", "7",
-                     "--no-progress", "--out", str(out2)]) == 0
+    assert (
+        gen.main(
+            [
+                str(hf_folder),
+                "--prompts-file",
+                str(prompts),
+                "--num-samples",
+                "2",
+                "--length",
+                "4",
+                "--steps",
+                "2",
+                "--temperature",
+                "1.0",
+                "--top-k",
+                "5",
+                "--block-size",
+                "2",
+                "--batch-size",
+                "3",
+                "--seed",
+                "7",
+                "--no-progress",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out2.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3] and rows[2]["suffix"] == " dog."
     again = tmp_path / "again.jsonl"
-    gen.main([str(hf_folder), "--prompts-file", str(prompts), "--num-samples", "2", "--length", "4", "--steps", "2",
-              "--temperature", "1.0", "--top-k", "5", "--block-size", "2", "--batch-size", "3", "--seed", "7",
-              "--no-progress", "--out", str(again)])
+    gen.main(
+        [
+            str(hf_folder),
+            "--prompts-file",
+            str(prompts),
+            "--num-samples",
+            "2",
+            "--length",
+            "4",
+            "--steps",
+            "2",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "5",
+            "--block-size",
+            "2",
+            "--batch-size",
+            "3",
+            "--seed",
+            "7",
+            "--no-progress",
+            "--out",
+            str(again),
+        ]
+    )
     assert again.read_text() == out2.read_text()  # deterministic under --seed
 
 
@@ -77,20 +154,43 @@ def test_generate_cli(hf_folder, tmp_path, capsys):
 def test_evaluate_cli(hf_folder, tmp_path, ar):
     ev = _script("evaluate")
     piqa = tmp_path / "piqa.jsonl"
-    piqa.write_text("".join(json.dumps({"goal": f"the {w}", "sol1": "ran.", "sol2": "sat.", "label": i % 2}) + "\n"
-                            for i, w in enumerate(WORDS[:5])))
+    piqa.write_text(
+        "".join(
+            json.dumps({"goal": f"the {w}", "sol1": "ran.", "sol2": "sat.", "label": i % 2}) + "\n"
+            for i, w in enumerate(WORDS[:5])
+        )
+    )
     lambada = tmp_path / "lambada.jsonl"
     lambada.write_text(json.dumps({"text": "the cat sat in the city"}) + "\n")
     out = tmp_path / "results.json"
-    args = [str(hf_folder), "--task", f"piqa={piqa}", "--task", f"lambada={lambada}", "--num-samples", "3",
-            "--limit", "4", "--seed", "2", "--no-progress", "--out", str(out)] + (["--ar"] if ar else [])
+    args = [
+        str(hf_folder),
+        "--task",
+        f"piqa={piqa}",
+        "--task",
+        f"lambada={lambada}",
+        "--num-samples",
+        "3",
+        "--limit",
+        "4",
+        "--seed",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ] + (["--ar"] if ar else [])
     assert ev.main(args) == 0
     res = json.loads(out.read_text())
     assert res["mode"] == ("ar" if ar else "diffusion") and res["model"] == str(hf_folder)
     assert res["tokenizer"].endswith("tokenizer.model")
     assert res["settings"]["num_samples"] == 3 and res["settings"]["limit"] == 4 and res["settings"]["seed"] == 2
     piqa_res = res["tasks"]["piqa"]
-    assert piqa_res["n"] == 4 and piqa_res["metric"] == "acc" and 0 <= piqa_res["value"] <= 1 and piqa_res["stderr"] is not None
+    assert (
+        piqa_res["n"] == 4
+        and piqa_res["metric"] == "acc"
+        and 0 <= piqa_res["value"] <= 1
+        and piqa_res["stderr"] is not None
+    )
     assert res["tasks"]["lambada"]["n"] == 1 and res["tasks"]["lambada"]["stderr"] is None
 
 

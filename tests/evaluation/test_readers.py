@@ -13,21 +13,54 @@ from dlm.evaluation.tasks import Completion, MultipleChoice, parse_records
 
 FIXTURES = {
     "hellaswag": [
-        {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow covering the window of a car.",
-         "ctx_b": "a woman", "ctx": "Then, the man writes over the snow covering the window of a car. A woman",
-         "endings": [", the man adds wax.", "is then shown.", "drives a car [title] away.", "walks."], "label": "3", "split": "val"},
+        {
+            "ind": 4,
+            "activity_label": "Removing ice from car",
+            "ctx_a": "Then, the man writes over the snow covering the window of a car.",
+            "ctx_b": "a woman",
+            "ctx": "Then, the man writes over the snow covering the window of a car. A woman",
+            "endings": [", the man adds wax.", "is then shown.", "drives a car [title] away.", "walks."],
+            "label": "3",
+            "split": "val",
+        },
         {"ctx": "A cat sits", "endings": ["a", "b", "c", "d"], "label": 0},
     ],
-    "piqa": [{"goal": "Keep bread fresh", "sol1": "Put it in a bag.", "sol2": "Put it in water.", "label": 0},
-             {"goal": "Open a jar", "sol1": "Bite it.", "sol2": "Twist the lid.", "label": 1}],
-    "siqa": [{"context": "Tracy went shopping.", "question": "What will Tracy want next?", "answerA": "sleep",
-              "answerB": "go home", "answerC": "eat glass", "label": "2"}],
-    "winogrande": [{"sentence": "The trophy does not fit in the case because the _ is too big.", "option1": "trophy",
-                    "option2": "case", "answer": "1"}],
+    "piqa": [
+        {"goal": "Keep bread fresh", "sol1": "Put it in a bag.", "sol2": "Put it in water.", "label": 0},
+        {"goal": "Open a jar", "sol1": "Bite it.", "sol2": "Twist the lid.", "label": 1},
+    ],
+    "siqa": [
+        {
+            "context": "Tracy went shopping.",
+            "question": "What will Tracy want next?",
+            "answerA": "sleep",
+            "answerB": "go home",
+            "answerC": "eat glass",
+            "label": "2",
+        }
+    ],
+    "winogrande": [
+        {
+            "sentence": "The trophy does not fit in the case because the _ is too big.",
+            "option1": "trophy",
+            "option2": "case",
+            "answer": "1",
+        }
+    ],
     "lambada": [{"text": "He opened the door and saw his old friend John"}],
     "gsm8k": [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"}],
-    "infill": [{"prefix": "Ann woke up.", "middle": "She made tea.", "suffix": "Then she left."},
-               {"storyid": "x", "storytitle": "t", "sentence1": "A.", "sentence2": "B.", "sentence3": "C.", "sentence4": "D.", "sentence5": "E."}],
+    "infill": [
+        {"prefix": "Ann woke up.", "middle": "She made tea.", "suffix": "Then she left."},
+        {
+            "storyid": "x",
+            "storytitle": "t",
+            "sentence1": "A.",
+            "sentence2": "B.",
+            "sentence3": "C.",
+            "sentence4": "D.",
+            "sentence5": "E.",
+        },
+    ],
 }
 
 
@@ -47,7 +80,9 @@ def _write(fmt: str, rows: list[dict], tmp_path):
     folder.mkdir()
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
-    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "validation"}))
+    (folder / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "validation"})
+    )
     (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
     return folder
 
@@ -73,21 +108,33 @@ def test_reader_parses_published_format(task, fmt, tmp_path):
     first = items[0]
     if task == "hellaswag":
         assert isinstance(first, MultipleChoice) and first.label == 3 and len(first.continuations) == 4
-        assert first.contexts[0].startswith("Removing ice from car: Then, the man") and first.contexts[0].endswith("A woman")
+        assert first.contexts[0].startswith("Removing ice from car: Then, the man") and first.contexts[0].endswith(
+            "A woman"
+        )
         assert first.continuations[2] == " drives a car. away."
         assert items[1].label == 0 and items[1].contexts[0] == "A cat sits"
     elif task == "piqa":
         assert first.label == 0 and items[1].label == 1
-        assert first.contexts[0] == "Question: Keep bread fresh\nAnswer:" and first.continuations == [" Put it in a bag.", " Put it in water."]
+        assert first.contexts[0] == "Question: Keep bread fresh\nAnswer:" and first.continuations == [
+            " Put it in a bag.",
+            " Put it in water.",
+        ]
     elif task == "siqa":
         assert first.label == 1 and first.continuations[1] == " go home"
         assert first.contexts[0] == "Q: Tracy went shopping. What will Tracy want next?\nA:"
     elif task == "winogrande":
         assert first.label == 0
-        assert first.contexts == ["The trophy does not fit in the case because the trophy", "The trophy does not fit in the case because the case"]
+        assert first.contexts == [
+            "The trophy does not fit in the case because the trophy",
+            "The trophy does not fit in the case because the case",
+        ]
         assert first.continuations == [" is too big.", " is too big."]
     elif task == "lambada":
-        assert isinstance(first, Completion) and first.prompt == "He opened the door and saw his old friend" and first.target == " John"
+        assert (
+            isinstance(first, Completion)
+            and first.prompt == "He opened the door and saw his old friend"
+            and first.target == " John"
+        )
     elif task == "gsm8k":
         assert first.answer == "7" and first.prompt.startswith("Tom has")
     elif task == "infill":

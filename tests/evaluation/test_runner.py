@@ -55,7 +55,10 @@ def test_metrics():
 def test_results_have_documented_fields(ar, tmp_path):
     tasks = [
         ("piqa", _jsonl(tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a", "sol2": "bb", "label": 1}] * 3)),
-        ("winogrande", _jsonl(tmp_path / "wg.jsonl", [{"sentence": "x _ y", "option1": "p", "option2": "q", "answer": "2"}])),
+        (
+            "winogrande",
+            _jsonl(tmp_path / "wg.jsonl", [{"sentence": "x _ y", "option1": "p", "option2": "q", "answer": "2"}]),
+        ),
         ("lambada", _jsonl(tmp_path / "lambada.jsonl", [{"text": "one two three"}, {"text": "four five"}])),
         ("gsm8k", _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "#### 2"}] * 2)),
         ("infill", _jsonl(tmp_path / "infill.jsonl", [{"prefix": "a b", "middle": "c d", "suffix": "e f"}])),

@@ -61,7 +61,13 @@ def test_elbo_picks_the_trained_continuation():
     picked = [min(range(n_choices), key=s.__getitem__) for s in scores]
     assert picked == labels
     # an untrained model has no reason to prefer them
-    untrained = elbo_nll(_model(seed=1, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), questions, num_samples=8, seed=0, batch_size=16)
+    untrained = elbo_nll(
+        _model(seed=1, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+        questions,
+        num_samples=8,
+        seed=0,
+        batch_size=16,
+    )
     assert [min(range(n_choices), key=s.__getitem__) for s in untrained] != labels
 
 

@@ -91,14 +91,28 @@ def test_zero_length_segments_are_harmless():
     torch.testing.assert_close(got, sdpa_attention(q, k, v, base), rtol=1e-5, atol=1e-5)
 
 
-def _fake_varlen_new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False):
+def _fake_varlen_new(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
     assert tuple(window_size) in ((-1, -1), (-1, 0))
     assert enable_gqa == (key.shape[1] != query.shape[1])
     return reference_varlen(query, key, value, cu_seq_q, max_q, causal=tuple(window_size) == (-1, 0))
 
 
-def _fake_varlen_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+def _fake_varlen_old(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None
+):
     assert key.shape[1] == query.shape[1], "old varlen_attn has no GQA: heads must be expanded"
     return reference_varlen(query, key, value, cu_seq_q, max_q, causal=is_causal)
 

@@ -15,7 +15,11 @@ def test_gpu_check_dry_run(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--dry-run", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.rstrip().splitlines()
@@ -24,8 +28,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(lines) - verdict - 2 == len(json.loads(out.read_text())["checks"])
     checks = json.loads(out.read_text())["checks"]
     status = {k: v["status"] for k, v in checks.items()}
-    for key in ("a/masked CE triton float32", "a/masked CE torch bfloat16", "a/masking Philox bit-exact",
-                "a/attention sdpa float32 fwd+bwd"):
+    for key in (
+        "a/masked CE triton float32",
+        "a/masked CE torch bfloat16",
+        "a/masking Philox bit-exact",
+        "a/attention sdpa float32 fwd+bwd",
+    ):
         assert status[key] == "ok", (key, checks[key])
     assert status["a/attention varlen"] == "skip" and status["a/attention flash"] == "skip"
     assert any(k.startswith("b/CE fused auto") and v == "ok" for k, v in status.items())

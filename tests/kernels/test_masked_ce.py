@@ -4,7 +4,7 @@ through full fp32 logits."""
 import pytest
 import torch
 
-from kernels.masked_ce import chunk_rows_for, masked_cross_entropy, naive_cross_entropy
+from dlm.kernels.masked_ce import chunk_rows_for, masked_cross_entropy, naive_cross_entropy
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -130,7 +130,9 @@ def test_bad_inputs_are_named():
     hidden, weight, targets, row_weights = make_inputs(6, 8, 64, torch.float32)
     bad = targets.clone()
     bad[1] = 64  # row 1 has nonzero weight
-    with pytest.raises(ValueError, match=r"targets of weighted rows must lie in \[0, 64\), got values \[64\] at rows \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"targets of weighted rows must lie in \[0, 64\), got values \[64\] at rows \[1\]"
+    ):
         masked_cross_entropy(hidden, weight, bad, row_weights)
     with pytest.raises(ValueError, match="unknown masked_cross_entropy impl"):
         masked_cross_entropy(hidden, weight, targets, row_weights, impl="cuda")

@@ -27,9 +27,19 @@ def _sharpen(model: torch.nn.Module, seed: int) -> None:
 
 def hf_llama(tie: bool = False):
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=112, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, attn_implementation="eager",
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=112,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
     )
     torch.manual_seed(0)
     m = transformers.LlamaForCausalLM(cfg).eval()
@@ -39,8 +49,17 @@ def hf_llama(tie: bool = False):
 
 def hf_gpt2():
     cfg = transformers.GPT2Config(
-        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=95, eos_token_id=95,
-        attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=96,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=95,
+        eos_token_id=95,
+        attn_implementation="eager",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     torch.manual_seed(0)
     m = transformers.GPT2LMHeadModel(cfg).eval()

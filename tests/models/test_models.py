@@ -155,7 +155,9 @@ def test_head_receives_final_hidden_and_output_weight(name):
         out = model(ids, lay, head=head)
         assert torch.equal(out, model(ids, lay))
     assert seen["shapes"] == (torch.Size([2, 7, 64]), torch.Size([256, 64]))
-    assert model.output_weight() is (model.tok_embeddings.weight if model.config.tie_embeddings else model.output.weight)
+    assert model.output_weight() is (
+        model.tok_embeddings.weight if model.config.tie_embeddings else model.output.weight
+    )
 
 
 def test_bf16_model_computes_in_bf16():

@@ -183,8 +183,10 @@ def test_random_length_probability():
     n = crop_lengths(torch.arange(40000), 100, cfg)
     frac = (n < 100).double().mean().item()  # (a cut to exactly L changes nothing)
     assert 0.006 < frac < 0.014
-    assert torch.equal(crop_lengths(torch.arange(100), 100, DiffusionConfig(mask_token_id=MASK, random_length_prob=0.0)),
-                       torch.full((100,), 100))
+    assert torch.equal(
+        crop_lengths(torch.arange(100), 100, DiffusionConfig(mask_token_id=MASK, random_length_prob=0.0)),
+        torch.full((100,), 100),
+    )
 
 
 def test_same_sample_same_noise_under_any_layout():
@@ -197,9 +199,9 @@ def test_same_sample_same_noise_under_any_layout():
         per_rank = G // world
         for start in range(0, G, micro):
             assert start // per_rank == (start + micro - 1) // per_rank  # micro-batch inside one rank
-            part = noise_batch({k: v[start:start + micro] for k, v in batch.items()}, step, cfg, G)
+            part = noise_batch({k: v[start : start + micro] for k, v in batch.items()}, step, cfg, G)
             for f in fields:
-                assert torch.equal(getattr(part, f), getattr(whole, f)[start:start + micro]), f
+                assert torch.equal(getattr(part, f), getattr(whole, f)[start : start + micro]), f
 
 
 def test_noise_is_deterministic_under_seed():
@@ -220,8 +222,14 @@ def test_bad_batches_and_configs():
         noise_batch({**batch, "maskable": torch.ones(4, 24, dtype=torch.long)}, 0, cfg, 4)
     with pytest.raises(ValueError, match="position_ids"):
         noise_batch({**batch, "position_ids": batch["position_ids"][:, :5]}, 0, cfg, 4)
-    for bad in [dict(eps=0.0), dict(loss_norm="tokens"), dict(random_length_prob=1.5), dict(anneal_steps=-1),
-                dict(seed=-1), dict(mask_token_id=-1)]:
+    for bad in [
+        dict(eps=0.0),
+        dict(loss_norm="tokens"),
+        dict(random_length_prob=1.5),
+        dict(anneal_steps=-1),
+        dict(seed=-1),
+        dict(mask_token_id=-1),
+    ]:
         with pytest.raises(ValueError):
             DiffusionConfig(**{"mask_token_id": MASK, **bad})
     with pytest.raises(ValueError, match="global_batch_size"):
@@ -299,8 +307,8 @@ def test_annealing_schedule_reaches_the_model():
 
 
 def test_heldout_elbo_matches_brute_force_and_is_repeatable():
-    from kernels.masking import mask_tokens
-    from dlm.diffusion import eligible_tokens, _elbo_seed
+    from dlm.diffusion import _elbo_seed, eligible_tokens
+    from dlm.kernels.masking import mask_tokens
 
     model = TinyMixer()
     batch = packed_batch(B=3, L=20, first_id=500)

@@ -51,7 +51,7 @@ def test_training_lowers_diffusion_loss():
     losses = []
     for step in range(steps):
         ids = range(step * G, (step + 1) * G)
-        micro_batches = [noise_batch(batch_of(ids[i:i + micro]), step, cfg, G) for i in range(0, G, micro)]
+        micro_batches = [noise_batch(batch_of(ids[i : i + micro]), step, cfg, G) for i in range(0, G, micro)]
         normalizer = sum(nb.norm_count for nb in micro_batches)  # what the trainer all-reduces
         total = 0.0
         for nb in micro_batches:

@@ -16,8 +16,17 @@ V, MASK, BOS, EOS = 17, 16, 0, 1  # base vocabulary 16, [MASK] appended at 16
 
 def _cfg(max_seq_len: int = 64) -> ModelConfig:
     return ModelConfig(
-        family="llama", vocab_size=V, base_vocab_size=V - 1, dim=4, n_layers=1, n_heads=1, ffn_dim=4,
-        max_seq_len=max_seq_len, mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS,
+        family="llama",
+        vocab_size=V,
+        base_vocab_size=V - 1,
+        dim=4,
+        n_layers=1,
+        n_heads=1,
+        ffn_dim=4,
+        max_seq_len=max_seq_len,
+        mask_token_id=MASK,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
     )
 
 
@@ -75,7 +84,12 @@ def _run(model, requests, cfg):
     return out, records
 
 
-REQS = [Request([BOS, 5, 6, 7]), Request([BOS, 3], suffix=[9, 10, 11]), Request([], length=3), Request([BOS, 4, 4, 4, 4, 4, 4], suffix=[12])]
+REQS = [
+    Request([BOS, 5, 6, 7]),
+    Request([BOS, 3], suffix=[9, 10, 11]),
+    Request([], length=3),
+    Request([BOS, 4, 4, 4, 4, 4, 4], suffix=[12]),
+]
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -112,7 +126,11 @@ def test_scored_orders_commit_their_top_positions(order):
     probs[:, MASK] = float("-inf")
     probs = probs.softmax(-1)
     top2 = probs.topk(2, -1).values
-    score = {"confidence": top2[:, 0], "margin": top2[:, 0] - top2[:, 1], "entropy": (probs * probs.clamp_min(1e-30).log()).sum(-1)}[order]
+    score = {
+        "confidence": top2[:, 0],
+        "margin": top2[:, 0] - top2[:, 1],
+        "entropy": (probs * probs.clamp_min(1e-30).log()).sum(-1),
+    }[order]
     n, steps = 12, 5
     cfg = SamplingConfig(steps=steps, length=n, order=order, temperature=0.0)
     out, records = _run(model, [Request([BOS, 2])], cfg)

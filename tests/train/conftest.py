@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dlm.atomic import atomic_write_json
-from dlm.data.store import FORMAT, ShardWriter, shard_path, sha256_file, sidecar_path, store_schema
+from dlm.data.store import FORMAT, ShardWriter, sha256_file, shard_path, sidecar_path, store_schema
 from dlm.train.parallelize import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,22 +36,42 @@ def _documents(n_docs: int, seed: int) -> list[np.ndarray]:
 def write_store(folder: Path, n_docs: int = 600, units: int = 2, seed: int = 0) -> Path:
     """A finished token store: plan.json, one Arrow shard + sidecar per unit."""
     folder.mkdir(parents=True)
-    tokenizer = {"kind": "synthetic", "path": "synthetic", "sha256": "0" * 64, "vocab_size": 256,
-                 "bos_id": BOS, "eos_id": EOS, "add_bos": True}
+    tokenizer = {
+        "kind": "synthetic",
+        "path": "synthetic",
+        "sha256": "0" * 64,
+        "vocab_size": 256,
+        "bos_id": BOS,
+        "eos_id": EOS,
+        "add_bos": True,
+    }
     docs = _documents(n_docs, seed)
     per_unit = np.array_split(np.arange(n_docs), units)
-    plan = {"format": "test-store", "tokenizer": tokenizer, "dtype": "uint16",
-            "units": [{"id": u, "files": []} for u in range(units)]}
+    plan = {
+        "format": "test-store",
+        "tokenizer": tokenizer,
+        "dtype": "uint16",
+        "units": [{"id": u, "files": []} for u in range(units)],
+    }
     for u, ids in enumerate(per_unit):
         writer = ShardWriter(shard_path(folder, u), store_schema(np.dtype(np.uint16), tokenizer), batch_tokens=2048)
         flat = np.concatenate([docs[i] for i in ids])
         writer.add(flat, np.array([len(docs[i]) for i in ids]))
         writer.commit()
         final = shard_path(folder, u)
-        atomic_write_json(sidecar_path(folder, u), {
-            "format": FORMAT, "unit": u, "file": final.name, "bytes": final.stat().st_size,
-            "sha256": sha256_file(final), "documents": len(ids), "tokens": int(len(flat)),
-            "batches": writer.batches})
+        atomic_write_json(
+            sidecar_path(folder, u),
+            {
+                "format": FORMAT,
+                "unit": u,
+                "file": final.name,
+                "bytes": final.stat().st_size,
+                "sha256": sha256_file(final),
+                "documents": len(ids),
+                "tokens": len(flat),
+                "batches": writer.batches,
+            },
+        )
     atomic_write_json(folder / "plan.json", plan)
     return folder
 
@@ -102,8 +122,15 @@ class Torchrun:
         self.store = store
 
     def args(self, run_dir: Path, **overrides) -> list[str]:
-        values = {"data.paths": str(self.store), "data.seq_len": 32, "train.run_dir": str(run_dir),
-                  "optim.warmup_steps": 2, "optim.lr": 1e-2, "metrics.log_every": 1, **overrides}
+        values = {
+            "data.paths": str(self.store),
+            "data.seq_len": 32,
+            "train.run_dir": str(run_dir),
+            "optim.warmup_steps": 2,
+            "optim.lr": 1e-2,
+            "metrics.log_every": 1,
+            **overrides,
+        }
         out = ["--config", str(TINY_CONFIG)]
         for k, v in values.items():
             out += [f"--{k}", json.dumps(v) if isinstance(v, bool) else str(v)]
@@ -121,8 +148,14 @@ class Torchrun:
     def start(self, nproc: int, args: list[str], log: Path, **kw) -> subprocess.Popen:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
         with open(log, "w") as f:
-            return subprocess.Popen(self.command(nproc, args, **kw), stdout=f, stderr=subprocess.STDOUT, env=env,
-                                    cwd=REPO, start_new_session=True)
+            return subprocess.Popen(
+                self.command(nproc, args, **kw),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
 
     @staticmethod
     def kill_tree(pid: int) -> None:

@@ -27,35 +27,66 @@ def test_shipped_configs_parse(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     stand_ins = ["--model.init_from", "random", "--data.paths", f'["{tmp_path / "a"}", "{tmp_path / "b"}"]']
-    for name, preset in (("tiny_cpu", "tiny-llama"), ("diffugpt_s", "gpt2"), ("diffugpt_m", "gpt2-medium"), ("demo", "smollm2-135m")):
-        cfg = load_config(CONFIGS / f"{name}.toml", stand_ins[:2] + ["--model.preset", preset, "--data.paths", str(tmp_path / "a")])
+    for name, preset in (
+        ("tiny_cpu", "tiny-llama"),
+        ("diffugpt_s", "gpt2"),
+        ("diffugpt_m", "gpt2-medium"),
+        ("demo", "smollm2-135m"),
+    ):
+        cfg = load_config(
+            CONFIGS / f"{name}.toml", stand_ins[:2] + ["--model.preset", preset, "--data.paths", str(tmp_path / "a")]
+        )
         assert cfg.model.preset == preset  # load_config raised already if the file is invalid
     seven_b = load_config(CONFIGS / "diffullama_7b.toml", stand_ins + ["--model.preset", "llama2-7b"])
-    assert (seven_b.optim.lr, seven_b.optim.decay, seven_b.optim.betas, seven_b.optim.weight_decay) == (2e-5, "constant", [0.9, 0.95], 0.1)
+    assert (seven_b.optim.lr, seven_b.optim.decay, seven_b.optim.betas, seven_b.optim.weight_decay) == (
+        2e-5,
+        "constant",
+        [0.9, 0.95],
+        0.1,
+    )
     assert seven_b.data.seq_len == 2048 and seven_b.data.weights == [0.7, 0.3] and seven_b.diffusion.anneal_steps == 0
     # 65B tokens
     assert abs(seven_b.train.steps * seven_b.train.global_batch_size * seven_b.data.seq_len - 65e9) / 65e9 < 0.01
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(TINY, ["--optim.lr", "3e-4", "--train.steps=7", "--data.paths", str(tmp_path), "--optim.betas", "[0.8, 0.9]",
-                             "--model.mask_token", "811", "--metrics.tensorboard", "false", "--model.overrides.vocab_size", "512"])
+    cfg = load_config(
+        TINY,
+        [
+            "--optim.lr",
+            "3e-4",
+            "--train.steps=7",
+            "--data.paths",
+            str(tmp_path),
+            "--optim.betas",
+            "[0.8, 0.9]",
+            "--model.mask_token",
+            "811",
+            "--metrics.tensorboard",
+            "false",
+            "--model.overrides.vocab_size",
+            "512",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.data.paths == [str(tmp_path)]
     assert cfg.optim.betas == [0.8, 0.9] and cfg.model.mask_token == 811 and cfg.metrics.tensorboard is False
     assert cfg.model.overrides == {"vocab_size": 512}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--optim.lrr", "1"], "optim.lrr"),
-    (["--optimizer.lr", "1"], "optimizer"),
-    (["--train.steps", "ten"], "train.steps"),
-    (["--optim.decay", "exp"], "optim.decay"),
-    (["--model.overrides.dimm", "3"], "dimm"),
-    (["--train.global_batch_size", "7"], "global_batch_size"),
-    (["--model.init_from", "/nonexistent"], "model.init_from"),
-    (["--data.paths", "/nonexistent"], "data.paths"),
-    (["--optim.lr"], "no value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lrr", "1"], "optim.lrr"),
+        (["--optimizer.lr", "1"], "optimizer"),
+        (["--train.steps", "ten"], "train.steps"),
+        (["--optim.decay", "exp"], "optim.decay"),
+        (["--model.overrides.dimm", "3"], "dimm"),
+        (["--train.global_batch_size", "7"], "global_batch_size"),
+        (["--model.init_from", "/nonexistent"], "model.init_from"),
+        (["--data.paths", "/nonexistent"], "data.paths"),
+        (["--optim.lr"], "no value"),
+    ],
+)
 def test_bad_config_names_the_key(args, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, args)
@@ -69,7 +100,9 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(TINY, ["--optim.lr", "1e-5", "--model.overrides.vocab_size", "300", "--metrics.sample_prompt", 'say "hi"\n'])
+    cfg = load_config(
+        TINY, ["--optim.lr", "1e-5", "--model.overrides.vocab_size", "300", "--metrics.sample_prompt", 'say "hi"\n']
+    )
     save_config(cfg, tmp_path / "config.toml")
     assert load_config(tmp_path / "config.toml") == cfg
 

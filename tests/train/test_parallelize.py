@@ -25,7 +25,9 @@ def _run(model, ids, layout):
     logits = model(ids, layout)
     logits.float().logsumexp(-1).mean().backward()
     # parameter names as in the state dict (the checkpoint wrapper only adds a module level)
-    return logits.detach(), {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    return logits.detach(), {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()
+    }
 
 
 @pytest.fixture(scope="module")

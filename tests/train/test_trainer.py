@@ -22,8 +22,13 @@ from dlm.train.checkpoint import COMPLETE, load_model
 pytestmark = pytest.mark.slow
 
 STEPS, N = 12, 4  # N: the checkpoint interval
-SHAPE = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "checkpoint.interval": N,
-         "checkpoint.keep_last": 3}
+SHAPE = {
+    "train.steps": STEPS,
+    "train.global_batch_size": 8,
+    "train.micro_batch_size": 2,
+    "checkpoint.interval": N,
+    "checkpoint.keep_last": 3,
+}
 CKPTS = [f"step_{s:08d}" for s in range(N, STEPS + 1, N)]
 
 
@@ -39,7 +44,9 @@ def wait_for(pred, proc: subprocess.Popen, log: Path, torchrun, timeout: float =
     end = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before the awaited state; log:\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"run ended (rc {proc.returncode}) before the awaited state; log:\n{log.read_text()[-4000:]}"
+            )
         if time.monotonic() > end:
             torchrun.kill_tree(proc.pid)
             raise AssertionError(f"timed out; log:\n{log.read_text()[-4000:]}")
@@ -62,8 +69,13 @@ def one_rank(torchrun, tmp_path_factory) -> Path:
 def two_ranks(torchrun, tokenizer_json, tmp_path_factory) -> Path:
     """Also writes generated samples to TensorBoard: every rank runs the sampler on the sharded model."""
     d = tmp_path_factory.mktemp("two_ranks")
-    sampling = {"metrics.sample_every": N, "metrics.sample_tokenizer": str(tokenizer_json), "metrics.sample_prompt": "w5 w6",
-                "metrics.sample_length": 6, "metrics.sample_steps": 3}
+    sampling = {
+        "metrics.sample_every": N,
+        "metrics.sample_tokenizer": str(tokenizer_json),
+        "metrics.sample_prompt": "w5 w6",
+        "metrics.sample_length": 6,
+        "metrics.sample_steps": 3,
+    }
     torchrun.run(2, torchrun.args(d / "run", **SHAPE, **sampling), d / "log")
     return d / "run"
 
@@ -79,8 +91,17 @@ def test_run_folder_contents(one_rank):
     assert list((one_rank / "tensorboard").glob("events.out.tfevents.*"))
     r = records(one_rank)
     assert sorted(r) == list(range(1, STEPS + 1))
-    for key in ("loss", "elbo", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "step_time_s", "data_wait_s",
-                "peak_memory_gib"):
+    for key in (
+        "loss",
+        "elbo",
+        "lr",
+        "grad_norm",
+        "tokens_per_s_per_device",
+        "mfu",
+        "step_time_s",
+        "data_wait_s",
+        "peak_memory_gib",
+    ):
         assert key in r[1], key
     assert r[1]["mfu"] is None  # CPU: no peak FLOP/s known unless metrics.peak_tflops is set
     assert [r[s]["consumed_samples"] for s in sorted(r)] == [8 * s for s in range(1, STEPS + 1)]
@@ -140,7 +161,9 @@ def test_resume_other_world_size_skips_incomplete_checkpoints(torchrun, two_rank
     shutil.copytree(good, partial)
     (partial / COMPLETE).unlink()
 
-    torchrun.run(1, torchrun.args(run_dir, **SHAPE, **{"parallel.activation_checkpoint": "selective"}), tmp_path / "log")
+    torchrun.run(
+        1, torchrun.args(run_dir, **SHAPE, **{"parallel.activation_checkpoint": "selective"}), tmp_path / "log"
+    )
     log = (tmp_path / "log").read_text()
     assert f"resumed from {good} at step {N}" in log, log[-3000:]
     assert not broken.exists() and not partial.exists()
@@ -156,8 +179,17 @@ def test_sigterm_leaves_committed_checkpoint(torchrun, hf_folder, tmp_path):
     from dlm.models.hf import load_hf_model
 
     run_dir = tmp_path / "run"
-    args = torchrun.args(run_dir, **{**SHAPE, "train.steps": 10_000, "checkpoint.interval": 0, "model.preset": "",
-                                     "model.init_from": str(hf_folder), "optim.lr": 0.0})
+    args = torchrun.args(
+        run_dir,
+        **{
+            **SHAPE,
+            "train.steps": 10_000,
+            "checkpoint.interval": 0,
+            "model.preset": "",
+            "model.init_from": str(hf_folder),
+            "optim.lr": 0.0,
+        },
+    )
     proc = torchrun.start(2, args, tmp_path / "log")
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, tmp_path / "log", torchrun)
@@ -178,8 +210,16 @@ def test_sigterm_leaves_committed_checkpoint(torchrun, hf_folder, tmp_path):
 def test_two_nodes_c10d_rendezvous(torchrun, two_ranks, tmp_path):
     """Two torchrun agents of one process each meet through the c10d rendezvous, as on two nodes."""
     run_dir, port = tmp_path / "run", torchrun.free_port()
-    args = torchrun.args(run_dir, **{**SHAPE, "checkpoint.interval": 0, "checkpoint.export_at_end": False,
-                                     "parallel.activation_checkpoint": "full", "metrics.peak_tflops": 1.0})
+    args = torchrun.args(
+        run_dir,
+        **{
+            **SHAPE,
+            "checkpoint.interval": 0,
+            "checkpoint.export_at_end": False,
+            "parallel.activation_checkpoint": "full",
+            "metrics.peak_tflops": 1.0,
+        },
+    )
     nodes = [torchrun.start(1, args, tmp_path / f"log{i}", nnodes=2, rdzv_port=port) for i in range(2)]
     for i, p in enumerate(nodes):
         assert p.wait(300) == 0, (tmp_path / f"log{i}").read_text()[-3000:]
@@ -189,7 +229,9 @@ def test_two_nodes_c10d_rendezvous(torchrun, two_ranks, tmp_path):
     from dlm.models import build_model, preset
 
     with torch.device("meta"):
-        flops_per_token = build_model(preset("tiny-llama").replace(vocab_size=320, mask_token_id=256)).flops_per_token(32)
+        flops_per_token = build_model(preset("tiny-llama").replace(vocab_size=320, mask_token_id=256)).flops_per_token(
+            32
+        )
     r = records(run_dir)[STEPS]
     assert r["mfu"] == pytest.approx(r["tokens_per_s_per_device"] * flops_per_token / 1e12, rel=1e-9)  # peak 1 TFLOP/s
 
@@ -214,8 +256,11 @@ def test_export_matches_checkpoint_and_transformers(one_rank):
 def test_export_command(one_rank, tmp_path):
     out = tmp_path / "hf"
     ckpt = one_rank / "checkpoints" / f"step_{N:08d}"
-    subprocess.run([sys.executable, "-m", "data_tools.export_checkpoint", str(ckpt), str(out)],
-                   check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run(
+        [sys.executable, "-m", "data_tools.export_checkpoint", str(ckpt), str(out)],
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["mask_token_id"] == 256
     ids = torch.randint(3, 35, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -229,10 +274,15 @@ def test_non_finite_loss_fails_fast(torchrun, tmp_path):
     """lr 1e30: the first Adam update moves every weight by ~1e30, so step 2 overflows (in the
     loss or in the gradients); every rank stops with an error naming the step and the rank."""
     run_dir = tmp_path / "run"
-    proc = torchrun.start(2, torchrun.args(run_dir, **{**SHAPE, "optim.lr": 1e30, "optim.warmup_steps": 0,
-                                                       "optim.decay": "constant"}), tmp_path / "log")
+    proc = torchrun.start(
+        2,
+        torchrun.args(run_dir, **{**SHAPE, "optim.lr": 1e30, "optim.warmup_steps": 0, "optim.decay": "constant"}),
+        tmp_path / "log",
+    )
     assert proc.wait(300) != 0
     log = (tmp_path / "log").read_text()
     for rank in (0, 1):
-        assert re.search(rf"\[rank{rank}\]: FloatingPointError: non-finite (loss|gradient norm).* at step 2 .*rank", log), log[-3000:]
+        assert re.search(
+            rf"\[rank{rank}\]: FloatingPointError: non-finite (loss|gradient norm).* at step 2 .*rank", log
+        ), log[-3000:]
     assert max(records(run_dir)) == 1  # nothing was logged (or stepped) past the failure
