@@ -19,13 +19,15 @@ import torch
 
 from dlm.attention.layout import AnnealMask, AttentionLayout
 
-BACKENDS = ("flash", "varlen", "flex", "sdpa")
-# preference order of "auto" on CUDA; on CPU the dense reference is the fast choice
+BACKENDS = ("flash", "varlen", "flex", "sdpa_docs", "sdpa")
+# preference order of "auto"; on CPU, SDPA per document (no dense mask) unless annealing needs one
 _CUDA_ORDER = ("flash", "varlen", "flex", "sdpa")
+_CPU_ORDER = ("sdpa_docs", "sdpa")
 _MODULES = {
     "flash": "dlm.attention.flash",
     "varlen": "dlm.attention.varlen",
     "flex": "dlm.attention.flex",
+    "sdpa_docs": "dlm.attention.sdpa_docs",
     "sdpa": "dlm.attention.dense",
 }
 
@@ -64,7 +66,7 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
             raise BackendUnavailable(f"attention backend {name!r} cannot be used on {device_type}: {reason}")
         logger.info("attention backend: %s (requested, %s, %s)", name, device_type, mask)
         return name
-    order = _CUDA_ORDER if device_type == "cuda" else ("sdpa",)
+    order = _CUDA_ORDER if device_type == "cuda" else _CPU_ORDER
     skipped = []
     for candidate in order:
         reason = _why_not(candidate, device, arbitrary_mask)
