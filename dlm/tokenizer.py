@@ -61,10 +61,17 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    @property
+    def name(self) -> str:
+        """The file name(s), without folders: with `sha256`, the tokenizer's identity on any machine."""
+        return "+".join(f.name for f in self.files)
+
     def facts(self) -> dict:
-        """What a token store records about the tokenizer that produced it."""
+        """What a token store records about the tokenizer that produced it. Only plan.json keeps
+        `path` (where `run` loads it from); shards carry the rest (`dlm.data.store.tokenizer_identity`)."""
         return {
             "kind": self.kind,
+            "name": self.name,
             "path": str(Path(self.path).resolve()),  # absolute: read again from other folders
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,

@@ -4,12 +4,15 @@
                            [--text-field text] [--include-set NAME]... [--exclude-set NAME]...
                            [--on-bad-record error|skip] [--batch-tokens T]
     tokenize_fineweb run    STORE [--task-id I] [--num-tasks N] [--workers W] [--no-progress]
+                                  [--progress-interval S]
     tokenize_fineweb verify STORE [--no-hash]
 
 `--on-bad-record skip` skips records that are invalid JSON, not UTF-8, lack the text field or are
 empty, and counts them by reason in each unit's sidecar, the run summary and stats.json; the
-default `error` stops at the first one, naming file and record. Whole-file problems (unreadable,
-truncated .zst, missing parquet column) always stop the run.
+default `error` stops at the first one, naming file and record (a plan cannot change: to skip
+instead, plan a new store folder). Whole-file problems (unreadable, truncated or 0-byte .zst,
+missing parquet column) always stop the run. Blank lines are skipped and counted; inputs that
+yield no document are listed in the run summary and stats.json.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--num-tasks", type=int, default=None, help="default: the plan's")
     rn.add_argument("--workers", type=int, default=None, help="default: every CPU in the affinity set")
     rn.add_argument("--no-progress", action="store_true")
+    rn.add_argument(
+        "--progress-interval",
+        type=float,
+        default=None,
+        help="seconds between progress lines (default: 1 on a terminal, 60 in a log file)",
+    )
     vf = sub.add_parser("verify", help="check every shard; write STORE/stats.json")
     vf.add_argument("store", type=Path)
     vf.add_argument("--no-hash", action="store_true", help="skip the sha256 check of shard contents")
@@ -81,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"; ignored {len(ignored)} files of unknown kind, e.g. {ignored[0]}" if ignored else "")
             )
         elif args.verb == "run":
-            run(args.store, args.task_id, args.num_tasks, args.workers, progress=not args.no_progress)
+            run(
+                args.store,
+                args.task_id,
+                args.num_tasks,
+                args.workers,
+                progress=not args.no_progress,
+                progress_interval=args.progress_interval,
+            )
         else:
             verify(args.store, check_hash=not args.no_hash)
     except (InputError, ValueError, FileNotFoundError) as e:

@@ -5,7 +5,8 @@ Kinds: FineWeb `.parquet` (text column configurable), JSON lines `.jsonl`/`.json
 file). Per-record problems (invalid JSON, non-UTF-8 bytes, a missing or non-string text field,
 an empty document) raise `InputError` naming file and record, or, with the policy
 `on_bad_record="skip"`, are skipped and counted by reason. File-level problems (unreadable,
-truncated `.zst`, missing parquet column) always raise.
+truncated `.zst`, missing parquet column) always raise. Blank lines of JSON-lines files are
+skipped under either policy and counted; files that yield no document are listed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def discover(inputs: list[str]) -> tuple[list[Path], list[Path]]:
     """Expand files, folders (recursively) and globs into a sorted, de-duplicated file list.
     Returns (usable files, ignored files found inside folders). A named file or a glob match
     of an unknown kind is an error; so is an input that matches nothing."""
-    files, ignored = set(), set()
+    files: set[Path] = set()
+    ignored: set[Path] = set()
     for spec in inputs:
         matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
         if not matches:
@@ -84,15 +86,18 @@ class ReadConfig:
 class ReadCounts:
     skipped: Counter = field(default_factory=Counter)  # reason -> records skipped under the policy
     filtered: int = 0  # records dropped by the set-name filters (not an error)
+    blank_lines: int = 0  # empty or whitespace-only lines of JSON-lines files (not an error)
+    empty_inputs: list[str] = field(default_factory=list)  # files that yielded no document
 
 
 def _zst_blocks(f, path: Path) -> Iterator[bytes]:
     """Decompress every frame; a stream that ends inside a frame is truncated (the library's
     stream reader would silently stop there)."""
     dctx = zstandard.ZstdDecompressor()
-    dobj, fed = dctx.decompressobj(), False
+    dobj, fed, any_bytes = dctx.decompressobj(), False, False
     try:
         while chunk := f.read(1 << 20):
+            any_bytes = True
             while chunk:
                 fed = True
                 out = dobj.decompress(chunk)
@@ -106,6 +111,8 @@ def _zst_blocks(f, path: Path) -> Iterator[bytes]:
         raise InputError(f"{path}: corrupt zstd data ({e})") from e
     if fed:
         raise InputError(f"{path}: truncated zstd stream (ends inside a frame)")
+    if not any_bytes:
+        raise InputError(f"{path}: truncated zstd stream (0 bytes: not even one frame)")
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -129,7 +136,9 @@ class _Reader:
             self.counts.skipped[reason] += 1
             return
         raise InputError(
-            f"{self.path}: {record}: {detail} (plan with --on-bad-record skip to skip and count such records)"
+            f"{self.path}: {record}: {detail}. This store's plan stops at bad records and a plan cannot change: "
+            f"to skip and count them instead, plan a new store folder from the same inputs with "
+            f"--on-bad-record skip and run that"
         )
 
     def text(self, record: str, value) -> str | None:
@@ -138,16 +147,17 @@ class _Reader:
             try:
                 value = value.decode("utf-8")
             except UnicodeDecodeError as e:
-                return self.bad(record, "non_utf8", f"text is not valid UTF-8 ({e})")
+                self.bad(record, "non_utf8", f"text is not valid UTF-8 ({e})")
+                return None
+        if isinstance(value, str) and value:
+            return value
         if value is None:
-            return self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is missing or null")
-        if not isinstance(value, str):
-            return self.bad(
-                record, "missing_text", f"field {self.cfg.text_field!r} is {type(value).__name__}, not a string"
-            )
-        if not value:
-            return self.bad(record, "empty", "empty document")
-        return value
+            self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is missing or null")
+        elif not isinstance(value, str):
+            self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is {type(value).__name__}, not a string")
+        else:
+            self.bad(record, "empty", "empty document")
+        return None
 
     def jsonl(self) -> Iterator[str]:
         cfg = self.cfg
@@ -161,7 +171,10 @@ class _Reader:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                self.bad(record, "invalid_json", f"invalid JSON ({e})")
+                if line.isspace() or not line:  # checked only here: no cost for the usual line
+                    self.counts.blank_lines += 1
+                else:
+                    self.bad(record, "invalid_json", f"invalid JSON ({e})")
                 continue
             if not isinstance(obj, dict):
                 self.bad(record, "invalid_json", f"a JSON {type(obj).__name__}, not an object")
@@ -178,8 +191,13 @@ class _Reader:
                     self.counts.filtered += 1
                     continue
             text = self.text(record, obj.get(cfg.text_field))
-            if text is not None:
-                yield text
+            if text is None:
+                continue
+            # a `\ud83d` escape decodes to a lone surrogate, valid JSON but not encodable as UTF-8
+            if (b"\\ud" in raw or b"\\uD" in raw) and not _utf8_encodable(text):
+                self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
+                continue
+            yield text
 
     def parquet(self) -> Iterator[str]:
         pf = pq.ParquetFile(self.path)
@@ -203,24 +221,34 @@ class _Reader:
             yield text
 
 
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_documents(path: Path, cfg: ReadConfig, counts: ReadCounts) -> Iterator[str]:
-    """Yield the documents of one input file in file order."""
+    """Yield the documents of one input file in file order; a file that yields none is listed in
+    `counts.empty_inputs`."""
     path = Path(path)
     kind = input_kind(path.name)
     reader = _Reader(path, cfg, counts)
+    readers = {"parquet": reader.parquet, "jsonl": reader.jsonl, "text": reader.plain}
+    if kind not in readers:
+        raise InputError(f"{path}: unknown input kind")
+    empty = True
     try:
-        if kind == "parquet":
-            yield from reader.parquet()
-        elif kind == "jsonl":
-            yield from reader.jsonl()
-        elif kind == "text":
-            yield from reader.plain()
-        else:
-            raise InputError(f"{path}: unknown input kind")
+        for text in readers[kind]():
+            empty = False
+            yield text
     except InputError:
         raise
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if empty:
+        counts.empty_inputs.append(str(path))
 
 
 def file_size(path: Path) -> int:

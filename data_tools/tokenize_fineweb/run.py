@@ -3,11 +3,16 @@
 Each worker loads the tokenizer once (threads pinned to 1) and writes its unit to a temp file,
 which is fsynced and renamed; the JSON sidecar is written after that and is what marks the unit
 done. Only small count dicts travel back to the parent. A unit killed at any point leaves at most
-a temp file or a shard without a sidecar; the next run of the task removes/overwrites both.
+a temp file or a shard without a sidecar; the next run of the task removes/overwrites both. When a
+unit fails, the pool is stopped and the other workers' temp files are removed before the error.
+
+Progress (documents, tokens, rates) is reported from inside each unit, also with one worker, and
+shown at most every `progress_interval` seconds: 1 s on a terminal, 60 s in a log file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -65,7 +70,7 @@ _WORKER: dict = {}
 
 def _init_worker(progress_queue) -> None:
     pin_threads()
-    _WORKER["queue"] = progress_queue
+    _WORKER["report"] = progress_queue.put
 
 
 def _tokenizer(plan: dict):
@@ -86,11 +91,11 @@ def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[in
     return flat, lengths
 
 
-def process_unit(store: str, plan: dict, unit: int) -> dict:
+def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
     """Tokenize one unit into its shard + sidecar; returns the sidecar dict plus `cpu_s`, this
     process's CPU seconds for the unit (not written: sidecars stay byte-identical across runs)."""
     cpu0 = time.process_time()
-    store = Path(store)
+    store = Path(store_dir)
     spec = plan["units"][unit]
     tok = _tokenizer(plan)
     facts = plan["tokenizer"]
@@ -101,15 +106,15 @@ def process_unit(store: str, plan: dict, unit: int) -> dict:
     for path, planned in zip(spec["files"], spec["bytes"]):
         if file_size(Path(path)) != planned:
             raise InputError(f"{path}: size changed since the plan ({planned} -> {file_size(Path(path))} bytes)")
-    queue = _WORKER.get("queue")
+    sink = _WORKER.get("report")  # takes (docs, tokens, bytes) since the last report
     docs = tokens = in_bytes = 0
     sent = [0, 0, 0]
     last = time.monotonic()
 
     def report(force=False):
         nonlocal last, sent
-        if queue is not None and (force or time.monotonic() - last > PROGRESS_EVERY_S):
-            queue.put((docs - sent[0], tokens - sent[1], in_bytes - sent[2]))
+        if sink is not None and (force or time.monotonic() - last >= PROGRESS_EVERY_S):
+            sink((docs - sent[0], tokens - sent[1], in_bytes - sent[2]))
             sent, last = [docs, tokens, in_bytes], time.monotonic()
 
     writer = ShardWriter(shard_path(store, unit), store_schema(dtype, facts), plan["batch_tokens"])
@@ -148,6 +153,8 @@ def process_unit(store: str, plan: dict, unit: int) -> dict:
         "inputs": spec["files"],
         "skipped": dict(sorted(counts.skipped.items())),
         "filtered": counts.filtered,
+        "blank_lines": counts.blank_lines,
+        "empty_inputs": counts.empty_inputs,
         "tokenizer_sha256": facts["sha256"],
     }
     atomic_write_json(sidecar_path(store, unit), sidecar)
@@ -165,22 +172,35 @@ def _affinity() -> int:
 
 
 class _Progress:
-    def __init__(self, total_units: int, enabled: bool):
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=total_units, unit="unit", disable=not enabled, mininterval=1 if tty else 30, dynamic_ncols=True
-        )
-        self.t0 = time.monotonic()
+    """Units done, plus documents/tokens/rates from inside the units, redrawn at most every
+    `interval` seconds (each redraw is a line in a log file)."""
+
+    def __init__(self, total_units: int, enabled: bool, interval: float | None):
+        if interval is None:
+            interval = 1.0 if sys.stderr.isatty() else 60.0
+        self.interval = interval
+        self.bar = tqdm(total=total_units, unit="unit", disable=not enabled, mininterval=interval, dynamic_ncols=True)
+        self.t0 = self.shown = time.monotonic()
         self.docs = self.tokens = self.bytes = 0
+
+    def _postfix(self) -> None:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.docs:,} docs, {self.tokens:,} tokens, {self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s, "
+            f"{self.bytes / dt / 1e6:,.1f} MB/s",
+            refresh=False,
+        )
 
     def add(self, d: int, t: int, b: int) -> None:
         self.docs, self.tokens, self.bytes = self.docs + d, self.tokens + t, self.bytes + b
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        self.bar.set_postfix_str(
-            f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s, {self.bytes / dt / 1e6:,.1f} MB/s",
-            refresh=False,
-        )
-        self.bar.refresh()
+        if time.monotonic() - self.shown >= self.interval:
+            self._postfix()
+            self.bar.refresh()
+            self.shown = time.monotonic()
+
+    def close(self) -> None:
+        self._postfix()
+        self.bar.close()
 
 
 def run(
@@ -190,6 +210,7 @@ def run(
     workers: int | None = None,
     progress: bool = True,
     log=print,
+    progress_interval: float | None = None,
 ) -> dict:
     """Tokenize the units of one task (or every unit); returns the run summary."""
     store = Path(store)
@@ -210,40 +231,40 @@ def run(
         )
     workers = min(workers or _affinity(), max(len(todo), 1))
     t0 = time.monotonic()
-    bar = _Progress(len(todo), progress)
+    bar = _Progress(len(todo), progress, progress_interval)
     sidecars: list[dict] = []
     try:
         if workers <= 1:  # in-process: same code path, no process start-up
             _WORKER.clear()
             pin_threads()
+            _WORKER["report"] = lambda m: bar.add(*m)
             for u in todo:
                 sidecars.append(process_unit(str(store), plan, u))
-                bar.add(sidecars[-1]["documents"], sidecars[-1]["tokens"], sidecars[-1]["input_bytes"])
                 bar.bar.update(1)
         else:
             ctx = mp.get_context("spawn")  # no fork: the parent holds Arrow/tokenizer thread pools
             q = ctx.Queue()
             with ctx.Pool(workers, initializer=_init_worker, initargs=(q,)) as pool:
-                pending = {u: pool.apply_async(process_unit, (str(store), plan, u)) for u in todo}
-                while pending:
-                    try:
-                        bar.add(*q.get(timeout=0.2))
-                    except queue_mod.Empty:
-                        pass
-                    for u in [u for u, r in pending.items() if r.ready()]:
-                        try:
+                try:
+                    pending = {u: pool.apply_async(process_unit, (str(store), plan, u)) for u in todo}
+                    while pending:
+                        with contextlib.suppress(queue_mod.Empty):
+                            bar.add(*q.get(timeout=0.2))
+                        for u in [u for u, r in pending.items() if r.ready()]:
                             sidecars.append(pending.pop(u).get())
-                        except Exception:
-                            pool.terminate()
-                            raise
-                        bar.bar.update(1)
+                            bar.bar.update(1)
+                except BaseException:
+                    pool.terminate()  # SIGTERM: the workers' own cleanup never runs
+                    pool.join()
+                    remove_stale_temps(store, todo)
+                    raise
                 while True:  # late progress messages
                     try:
                         bar.add(*q.get(timeout=0.05))
                     except queue_mod.Empty:
                         break
     finally:
-        bar.bar.close()
+        bar.close()
     elapsed = time.monotonic() - t0
     summary = summarize(sidecars, elapsed)
     summary.update(task_id=task_id, num_tasks=num_tasks, units_done_before=len(mine) - len(todo), workers=workers)
@@ -252,7 +273,7 @@ def run(
 
 
 def summarize(sidecars: list[dict], elapsed: float) -> dict:
-    skipped = Counter()
+    skipped: Counter[str] = Counter()
     for s in sidecars:
         skipped.update(s["skipped"])
     tokens = sum(s["tokens"] for s in sidecars)
@@ -263,6 +284,8 @@ def summarize(sidecars: list[dict], elapsed: float) -> dict:
         "input_bytes": sum(s["input_bytes"] for s in sidecars),
         "skipped": dict(sorted(skipped.items())),
         "filtered": sum(s["filtered"] for s in sidecars),
+        "blank_lines": sum(s["blank_lines"] for s in sidecars),
+        "empty_inputs": sorted(f for s in sidecars for f in s["empty_inputs"]),
         "elapsed_s": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "worker_cpu_s": sum(s["cpu_s"] for s in sidecars),
@@ -275,5 +298,14 @@ def format_summary(s: dict) -> str:
     return (
         f"[tokenize_fineweb] tokenized {s['units']} units: {s['documents']:,} documents, {s['tokens']:,} tokens, "
         f"{s['input_bytes'] / 1e6:,.1f} MB text ({bpt:.2f} bytes/token) in {s['elapsed_s']:.1f}s "
-        f"({s['tokens_per_s']:,.0f} tokens/s); skipped records: {skipped}; filtered by set name: {s['filtered']}"
+        f"({s['tokens_per_s']:,.0f} tokens/s); skipped records: {skipped}; filtered by set name: {s['filtered']}; "
+        f"blank lines: {s['blank_lines']}" + empty_inputs_note(s["empty_inputs"])
     )
+
+
+def empty_inputs_note(files: list[str], shown: int = 5) -> str:
+    """`; N inputs without documents: a, b, ...`, or "" when every input gave a document."""
+    if not files:
+        return ""
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return f"; {len(files)} inputs without documents: {', '.join(files[:shown])}{more}"

@@ -9,9 +9,10 @@ import numpy as np
 
 from dlm.atomic import atomic_write_json
 from dlm.data.index import load_json
-from dlm.data.store import open_shard, sha256_file, shard_path, sidecar_path
+from dlm.data.store import open_shard, sha256_file, shard_path, sidecar_path, tokenizer_identity
 
 from .plan import load_plan
+from .run import empty_inputs_note
 
 
 def _check_unit(store: Path, plan: dict, u: int, check_hash: bool, hist: np.ndarray) -> tuple[dict | None, list[str]]:
@@ -29,7 +30,7 @@ def _check_unit(store: Path, plan: dict, u: int, check_hash: bool, hist: np.ndar
         problems.append(f"{path}: {view.nbytes} bytes, sidecar says {side['bytes']}")
     elif check_hash and sha256_file(path) != side["sha256"]:
         problems.append(f"{path}: sha256 differs from its sidecar")
-    if view.tokenizer != facts:
+    if tokenizer_identity(view.tokenizer) != tokenizer_identity(facts):
         problems.append(f"{path}: tokenizer metadata differs from the plan")
     dtype = np.dtype(view.schema.field(0).type.value_type.to_pandas_dtype())
     if dtype != want:
@@ -71,7 +72,7 @@ def verify(store: Path, check_hash: bool = True, log=print) -> dict:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{store}: {len(problems)} problem(s):\n  {shown}{more}")
     tokens = sum(s["tokens"] for s in sides)
-    skipped = Counter()
+    skipped: Counter[str] = Counter()
     for s in sides:
         skipped.update(s["skipped"])
     top = int(np.nonzero(hist)[0].max()) + 1 if hist.any() else 0
@@ -84,6 +85,9 @@ def verify(store: Path, check_hash: bool = True, log=print) -> dict:
         "bytes_per_token": sum(s["input_bytes"] for s in sides) / tokens if tokens else None,
         "skipped": dict(sorted(skipped.items())),
         "filtered": sum(s["filtered"] for s in sides),
+        # sidecars written before these counts existed lack them
+        "blank_lines": sum(s.get("blank_lines", 0) for s in sides),
+        "empty_inputs": sorted(f for s in sides for f in s.get("empty_inputs", [])),
         "tokenizer": plan["tokenizer"],
         "dtype": plan["dtype"],
         # documents whose token count (BOS/EOS included) lies in [2^i, 2^(i+1))
@@ -92,6 +96,7 @@ def verify(store: Path, check_hash: bool = True, log=print) -> dict:
     atomic_write_json(store / "stats.json", stats)
     log(
         f"[tokenize_fineweb] verified {stats['units']} units: {stats['documents']:,} documents, "
-        f"{stats['tokens']:,} tokens, {stats['bytes_per_token'] or 0:.2f} bytes/token -> {store / 'stats.json'}"
+        f"{stats['tokens']:,} tokens, {stats['bytes_per_token'] or 0:.2f} bytes/token"
+        f"{empty_inputs_note(stats['empty_inputs'])} -> {store / 'stats.json'}"
     )
     return stats

@@ -20,7 +20,7 @@ import numpy as np
 
 from dlm.atomic import fsync_dir, fsync_file, temp_name
 
-from .store import ShardView, open_shard, sidecar_path
+from .store import ShardView, open_shard, sidecar_path, tokenizer_identity
 
 INDEX_VERSION = 1
 
@@ -66,7 +66,7 @@ def check_shard(view: ShardView, expect: dict, tokenizer: dict) -> None:
             f"{view.path}: {view.num_tokens} tokens / {view.num_documents} documents but its sidecar says "
             f"{expect['tokens']} / {expect['documents']}"
         )
-    if view.tokenizer != tokenizer:
+    if tokenizer_identity(view.tokenizer) != tokenizer_identity(tokenizer):  # older shards also hold the path
         raise ValueError(f"{view.path}: tokenizer metadata differs from the store's plan.json")
 
 

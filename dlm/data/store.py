@@ -51,8 +51,15 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def tokenizer_identity(facts: dict) -> dict:
+    """Tokenizer facts without the machine-specific `path` (kind, name, sha256, ids): what shards
+    record, so the same inputs and tokenizer give the same shard bytes wherever the file lies."""
+    return {k: v for k, v in facts.items() if k != "path"}
+
+
 def store_schema(dtype: np.dtype, tokenizer_facts: dict) -> pa.Schema:
-    metadata = {META_FORMAT: FORMAT.encode(), META_TOKENIZER: json.dumps(tokenizer_facts, sort_keys=True).encode()}
+    identity = json.dumps(tokenizer_identity(tokenizer_facts), sort_keys=True).encode()
+    metadata = {META_FORMAT: FORMAT.encode(), META_TOKENIZER: identity}
     return pa.schema([pa.field("tokens", pa.list_(pa.from_numpy_dtype(dtype)), nullable=False)], metadata=metadata)
 
 

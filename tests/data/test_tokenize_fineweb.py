@@ -182,6 +182,11 @@ BAD_RECORDS = {  # name -> (records, needle in error, skip reason)
         "missing_text",
     ),
     "empty": (['{"text": "ok one"}', '{"text": ""}', '{"text": "ok two"}'], "line 2: empty document", "empty"),
+    "lone_surrogate": (  # valid JSON, but no UTF-8 encoding exists for the text
+        ['{"text": "ok one"}', '{"text": "emoji half \\ud83d here"}', '{"text": "ok two"}'],
+        "line 2: text is not encodable as UTF-8",
+        "non_utf8",
+    ),
 }
 
 
