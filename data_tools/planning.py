@@ -2,6 +2,7 @@
 
     python -m data_tools.planning sudoku --out data/sudoku --n-train 20000 --n-test 500 --seed 0
     python -m data_tools.planning countdown --out data/countdown --n-train 20000 --n-test 500 --seed 0
+    python -m data_tools.planning tokenizer --out data/planning_tok
 
 Writes OUT/train.jsonl and OUT/test.jsonl, one JSON object per line:
     {"id", "prompt", "response", ...task fields}
@@ -14,6 +15,10 @@ Every puzzle is solvable by construction (Countdown: the target is the value of 
 expression over the numbers; Sudoku: clues are removed from a valid grid while the solution stays
 unique), no prompt appears twice, and test prompts never appear in train. The same arguments give
 byte-identical files.
+
+`tokenizer` writes a character-level `tokenizer.json` (+ `tokenizer_config.json`) over the
+planning alphabet with `<pad>` 0, `<s>` 1 (BOS, added), `</s>` 2 (EOS), `<sep>` 3, `<unk>` 4: a
+model trained from scratch on these tasks needs no subword vocabulary (see launch/finetune_showcase.py).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from dlm.evaluation.planning import (
 )
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+CHAR_SPECIALS = ("<pad>", "<s>", "</s>", "<sep>", "<unk>")
+CHAR_ALPHABET = "0123456789.+-*/()> ="
 
 
 # ---------------------------------------------------------------------------- countdown
@@ -157,12 +164,34 @@ def write_splits(out: Path, splits: dict[str, list[dict]]) -> None:
         atomic_write_text(out / f"{split}.jsonl", text)
 
 
+def write_char_tokenizer(out: Path) -> Path:
+    """A character-level tokenizer.json for the planning alphabet (one token per character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + tuple(CHAR_ALPHABET))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(CHAR_SPECIALS))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True) + "\n")
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "sep_token": "<sep>",
+        "add_bos_token": True,
+    }
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=("countdown", "sudoku"))
-    ap.add_argument("--out", required=True, help="output folder (train.jsonl, test.jsonl)")
-    ap.add_argument("--n-train", type=int, required=True)
-    ap.add_argument("--n-test", type=int, required=True)
+    ap.add_argument("task", choices=("countdown", "sudoku", "tokenizer"))
+    ap.add_argument("--out", required=True, help="output folder (train.jsonl, test.jsonl; or the tokenizer)")
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-numbers", type=int, default=3, help="countdown: fewest numbers")
     ap.add_argument("--max-numbers", type=int, default=4, help="countdown: most numbers")
@@ -171,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-clues", type=int, default=5, help="sudoku: fewest clues")
     ap.add_argument("--max-clues", type=int, default=10, help="sudoku: most clues")
     args = ap.parse_args(argv)
+    if args.task == "tokenizer":
+        print(f"wrote a character-level tokenizer to {write_char_tokenizer(Path(args.out))}")
+        return 0
+    if args.n_train is None or args.n_test is None:
+        ap.error(f"{args.task} needs --n-train and --n-test")
     try:
         splits = make_splits(
             args.task,

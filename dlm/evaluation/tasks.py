@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
+from dlm.evaluation.planning import countdown_error, countdown_prompt, sudoku_error, sudoku_prompt
 from dlm.evaluation.readers import Record
 
 
@@ -143,10 +145,45 @@ def infill(where: str, rec: dict) -> Completion:
     return Completion(where, s[0] + " " + s[1], " " + s[2], suffix=" " + s[3] + " " + s[4])
 
 
+@dataclass
+class Planning:
+    where: str
+    prompt: str
+    check: Callable[[str], str | None]  # None when an answer solves the puzzle, else why not
+
+
+def _planning(where: str, rec: dict, task: str, prompt: str, check: Callable[[str], str | None]) -> Planning:
+    if rec.get("prompt") is not None and rec["prompt"] != prompt:
+        raise ValueError(f"{where}: {task} prompt {rec['prompt']!r} does not match its fields (expected {prompt!r})")
+    return Planning(where, prompt, check)
+
+
+def countdown(where: str, rec: dict) -> Planning:
+    """`numbers` (list of ints) and `target`; any expression the verifier accepts counts."""
+    numbers, target = _get(rec, "numbers", where, "Countdown"), _get(rec, "target", where, "Countdown")
+    if not isinstance(numbers, list) or not numbers or not all(type(n) is int and n >= 0 for n in numbers):
+        raise ValueError(f"{where}: Countdown field 'numbers' must be a list of non-negative ints, got {numbers!r}")
+    if type(target) is not int:
+        raise ValueError(f"{where}: Countdown field 'target' must be an int, got {target!r}")
+    return _planning(
+        where, rec, "Countdown", countdown_prompt(numbers, target), partial(countdown_error, numbers, target)
+    )
+
+
+def sudoku(where: str, rec: dict) -> Planning:
+    """`puzzle`: 16 cells row by row, '.' blank; any grid the verifier accepts counts."""
+    puzzle = _text(rec, "puzzle", where, "Sudoku")
+    try:
+        prompt = sudoku_prompt(puzzle)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return _planning(where, rec, "Sudoku", prompt, partial(sudoku_error, puzzle))
+
+
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "choice" | "lambada" | "gsm8k" | "infill"
-    parse: Callable[[str, dict], MultipleChoice | Completion]
+    kind: str  # "choice" | "lambada" | "gsm8k" | "infill" | "planning"
+    parse: Callable[[str, dict], MultipleChoice | Completion | Planning]
 
 
 TASKS: dict[str, Task] = {
@@ -157,6 +194,8 @@ TASKS: dict[str, Task] = {
     "lambada": Task("lambada", lambada),
     "gsm8k": Task("gsm8k", gsm8k),
     "infill": Task("infill", infill),
+    "countdown": Task("planning", countdown),
+    "sudoku": Task("planning", sudoku),
 }
 
 
