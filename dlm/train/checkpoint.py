@@ -5,10 +5,13 @@ A checkpoint is the folder `<run>/checkpoints/step_XXXXXXXX/` holding
     job may resume on a different number of ranks),
   - `trainer_state.json`: step, tokens seen, data resume state, scheduler, configs,
   - `rng/rank_XXXXX.safetensors`: each rank's torch RNG states,
+  - `SHA256SUMS.json`: the sha256 of every other file (hashed by all ranks, a share each),
   - `COMPLETE`, written last.
 Everything is first written to `step_XXXXXXXX.tmp/`, which rank 0 renames once all ranks are
 done; the marker follows the rename. A folder without the marker is never resumed from, so a
-job killed while writing resumes from the previous checkpoint.
+job killed while writing resumes from the previous checkpoint. A committed checkpoint whose
+files no longer match their hashes (a damaged disk, a truncated copy) is named in a warning and
+skipped when resuming automatically, and refused when named explicitly.
 
 DCP stores its metadata with pickle: only load checkpoints this code wrote (trusted files).
 """
@@ -29,13 +32,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dlm.atomic import atomic_write_text, fsync_dir
+from dlm.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from dlm.data.store import sha256_file
 from dlm.models import build_model
 from dlm.models.config import ModelConfig
 from dlm.train.log import logger
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+SUMS_FILE = "SHA256SUMS.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -67,6 +72,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if found:
             return found[-1][1]
     raise FileNotFoundError(f"{p}: no complete training checkpoint (a step_XXXXXXXX folder with {COMPLETE}) found")
+
+
+class CheckpointError(ValueError):
+    """A committed checkpoint whose files do not match the hashes recorded when it was written."""
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder except the hash list and the marker, relative, sorted."""
+    out = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(n for n in out if n not in (SUMS_FILE, COMPLETE))
+
+
+def _gather(obj: object) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class Checkpointer:
@@ -103,9 +124,15 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         save_file(_rng_state(), str(tmp / "rng" / f"rank_{self.rank:05d}.safetensors"))
-        dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
             atomic_write_text(tmp / STATE_FILE, json.dumps({**state, "world_size": self.world_size}, indent=1))
+        dist.barrier()  # every rank's files are on disk
+        names = _files(tmp)
+        sums = {}
+        for part in _gather({n: sha256_file(tmp / n) for n in names[self.rank :: self.world_size]}):
+            sums.update(part)
+        if self.rank == 0:
+            atomic_write_json(tmp / SUMS_FILE, sums)
             os.replace(tmp, final)
             atomic_write_text(final / COMPLETE, f"step {step}\n")
             fsync_dir(self.folder)
@@ -114,6 +141,63 @@ class Checkpointer:
             logger.info("checkpoint %s committed", final)
         dist.barrier()
         return final
+
+    def damage(self, path: Path) -> list[str]:
+        """What is wrong with a committed checkpoint's files (empty: intact). Collective: each
+        rank hashes a share of the files."""
+        sums_file = path / SUMS_FILE
+        if not sums_file.is_file():
+            if self.rank == 0:
+                logger.warning("checkpoint %s has no %s (written by an older version): not verified", path, SUMS_FILE)
+            return []
+        try:
+            sums = json.loads(sums_file.read_text())
+        except (OSError, ValueError) as e:
+            return [f"{SUMS_FILE} is unreadable ({e})"]
+        names = sorted(sums)
+        mine = []
+        for n in names[self.rank :: self.world_size]:
+            f = path / n
+            if not f.is_file():
+                mine.append(f"{n} is missing")
+            elif sha256_file(f) != sums[n]:
+                mine.append(f"{n} does not match its recorded sha256 ({f.stat().st_size} bytes)")
+        return sorted(p for part in _gather(mine) for p in part)
+
+    def resume_point(self, setting: str) -> Path | None:
+        """The checkpoint to resume from for `checkpoint.resume`: "none"; "auto" (the newest
+        intact complete checkpoint: a damaged newer one is named in a warning and skipped); or a
+        path (refused, naming it, when damaged). Collective."""
+        if setting == "none":
+            return None
+        if setting != "auto":
+            path = resolve_checkpoint(setting)
+            problems = self.damage(path)
+            if problems:
+                raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+            return path
+        damaged = []
+        for step, path in reversed(complete_checkpoints(self.folder)):
+            problems = self.damage(path)
+            if not problems:
+                return path
+            # moved aside: kept for inspection, and a later save of this step is not mistaken for done
+            aside = path.with_name(path.name + ".damaged")
+            if self.rank == 0:
+                logger.warning(
+                    "checkpoint %s (step %d) is damaged: %s; moved to %s, trying the previous one",
+                    path,
+                    step,
+                    "; ".join(problems),
+                    aside.name,
+                )
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+            damaged.append(str(path))
+            dist.barrier()
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self.folder}: {', '.join(damaged)} damaged")
+        return None
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model and optimizer shards (resharded to this world size) and this rank's RNG

@@ -134,11 +134,27 @@ def load_weights(model: nn.Module, tensor: Callable[[str], torch.Tensor]) -> Non
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all shards (clipping when max_norm > 0), as a plain tensor."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # sum of squares over shards, then sqrt
+    """Total gradient norm over all shards (clipping when max_norm > 0), as a plain fp64 tensor.
+
+    The sum of squares is accumulated in fp64: in fp32 its rounding depends on how the gradients
+    are sharded, so a run resumed on another number of ranks would drift (1e-4 relative at step 1)."""
+    norms, groups = [], set()
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            if not all(pl.is_shard() for pl in g.placements):
+                raise NotImplementedError(f"gradient norm of a DTensor placed {g.placements} (only FSDP shards)")
+            groups.add(g.device_mesh.get_group())
+            g = g.to_local()
+        norms.append(torch.linalg.vector_norm(g, dtype=torch.float64))
+    if len(groups) > 1:
+        raise NotImplementedError("gradients sharded over more than one process group")
+    sq = torch.stack(norms).square().sum()
+    if groups:
+        dist.all_reduce(sq, group=groups.pop())  # fp64 SUM of the per-rank sums of squares
+    total = sq.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), max_norm, total, foreach=True)
     return total

@@ -170,7 +170,9 @@ def test_resume_other_world_size_skips_incomplete_checkpoints(torchrun, two_rank
     mine, ref = records(run_dir), records(two_ranks)
     assert sorted(mine) == list(range(N + 1, STEPS + 1))
     assert [mine[s]["consumed_samples"] for s in sorted(mine)] == [ref[s]["consumed_samples"] for s in sorted(mine)]
-    assert_close(losses(run_dir), losses(two_ranks), range(N + 1, STEPS + 1), rtol=1e-5)
+    # fp64 gradient-norm accumulation: the sharding no longer changes the clipping (was 1e-4 off)
+    assert_close(losses(run_dir), losses(two_ranks), range(N + 1, STEPS + 1), rtol=1e-6)
+    assert_close(grad_norms(run_dir), grad_norms(two_ranks), range(N + 1, STEPS + 1), rtol=1e-6)
 
 
 def test_sigterm_leaves_committed_checkpoint(torchrun, hf_folder, tmp_path):
