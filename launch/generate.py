@@ -1,12 +1,14 @@
-"""Generate text with a masked diffusion LM (DESIGN section 3).
+"""Generate text with a masked diffusion LM (DESIGN section 3), or greedily with --ar.
 
     python launch/generate.py runs/demo --prompt "Once upon a time" --length 64 --steps 64
     python launch/generate.py runs/demo/export --prompts-file prompts.jsonl --out samples.jsonl
     python launch/generate.py MODEL --prompt "The cat" --suffix "and it slept." --length 16 --show-steps
+    python launch/generate.py hf/smollm2 --ar --prompt "The capital of France is" --length 16
 
 MODEL is a training run / checkpoint folder or a Hugging Face style folder. --prompts-file is a
 .jsonl file of {"prompt": ..., "suffix": ...} objects or a text file with one prompt per line.
-Each result is printed and, with --out, written as a JSON line.
+Each sample is one record: a block of readable text under a `=== sample I ===` header on stdout,
+and with --out one JSON line (--out - writes the JSON lines to stdout instead of the text).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from dlm.atomic import atomic_write_text
-from dlm.evaluation.loading import DTYPES, find_tokenizer, load_model, run_main, special_ids
+from dlm.evaluation.loading import DTYPES, check_adapted, find_tokenizer, load_model, run_main, special_ids
 from dlm.evaluation.runner import with_start
+from dlm.evaluation.scoring import ar_generate
 from dlm.sampling import ORDERS, Request, SamplingConfig, StepRecord, generate
 
 MASK_GLYPH = "░"
@@ -44,14 +47,14 @@ def read_prompts(args) -> list[tuple[str, str]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: not valid JSON: {e}")
+                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt", ""), str):
-                    raise SystemExit(f"{path}:{n}: expected an object with a string 'prompt' (and optional 'suffix')")
+                    raise ValueError(f"{path}:{n}: expected an object with a string 'prompt' (and optional 'suffix')")
                 out.append((rec.get("prompt", ""), rec.get("suffix", args.suffix or "")))
             else:
                 out.append((line, args.suffix or ""))
         if not out:
-            raise SystemExit(f"{path}: no prompts")
+            raise ValueError(f"{path}: no prompts")
         return out
     prompts = args.prompt if args.prompt else [""]  # no prompt: unconditional (BOS only)
     return [(p, args.suffix or "") for p in prompts]
@@ -73,13 +76,52 @@ def render(tok, ids: list[int], masked: list[bool]) -> str:
     return "".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def readable(rec: dict) -> str:
+    """One sample as a block of text: a header, then prompt[generation]suffix as generated."""
+    return (
+        f"=== sample {rec['index']} (prompt {rec['prompt_index']}) ===\n{rec['prompt']}[{rec['text']}]{rec['suffix']}"
+    )
+
+
+def diffusion_tokens(model, tok, requests: list[Request], cfg: SamplingConfig, args, emit) -> list[list[int]]:
+    """Denoise every request in batches; `emit(text)` shows progress lines (--show-steps)."""
+    bos, eos = special_ids(model, tok)
+    bar = tqdm(
+        total=len(requests) * cfg.steps, desc="denoise", unit="step", dynamic_ncols=True, disable=args.no_progress
+    )
+    out = []
+    for b0 in range(0, len(requests), args.batch_size):
+        batch = requests[b0 : b0 + args.batch_size]
+
+        def on_step(rec: StepRecord, b0=b0, batch=batch) -> None:
+            bar.update(len(batch))
+            if args.show_steps:
+                for i in range(len(batch)):
+                    lo, n = rec.answer_start[i], rec.answer_len[i]
+                    text = render(tok, rec.ids[i, lo : lo + n].tolist(), rec.masked[i, lo : lo + n].tolist())
+                    emit(f"[{b0 + i}] step {rec.step + 1:>4}/{cfg.steps}: {text!r}")
+
+        done = bar.n
+        samples = generate(
+            model, batch, dataclasses.replace(cfg, seed=args.seed + b0), bos_id=bos, eos_id=eos, callback=on_step
+        )
+        bar.update(done + len(batch) * cfg.steps - bar.n)  # stopped early once nothing was masked
+        out += [s.tokens for s in samples]
+    bar.close()
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="training run/checkpoint folder or Hugging Face style folder")
     ap.add_argument("--tokenizer", help="tokenizer path (default: found from the model folder or its run)")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
     ap.add_argument("--prompts-file", help=".jsonl of {prompt, suffix} or a text file with one prompt per line")
     ap.add_argument("--suffix", help="fixed text after the generated span (infilling)")
+    ap.add_argument("--ar", action="store_true", help="greedy left-to-right decoding with causal attention")
+    ap.add_argument(
+        "--allow-unadapted", action="store_true", help="sample a plain AR folder as a diffusion model anyway"
+    )
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     ap.add_argument("--length", type=int, default=64, help="tokens to generate")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: --length)")
@@ -92,19 +134,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--show-steps", action="store_true", help="print the denoising trajectory")
-    ap.add_argument("--out", help="write results as JSON lines here")
+    ap.add_argument("--out", help="write samples as JSON lines here (- = stdout)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.prompt and args.prompts_file:
         ap.error("use --prompt or --prompts-file, not both")
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
+    if args.ar and (args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.show_steps):
+        ap.error(
+            "--ar decodes greedily: sampling options (--temperature, --top-k, --top-p) and --show-steps do not apply"
+        )
+    if args.ar and args.num_samples > 1:
+        ap.error("--ar is greedy, so every sample of a prompt is the same: use --num-samples 1")
+    prompts = read_prompts(args)
+    if args.ar and any(s for _, s in prompts):
+        ap.error("--ar continues the prompt left to right and cannot fill in before a --suffix")
+    if not args.ar:
+        check_adapted(args.model, args.allow_unadapted)
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, ar=args.ar, device=args.device, dtype=args.dtype)
     tok = find_tokenizer(args.model, args.tokenizer)
-    bos, eos = special_ids(model, tok)
+    to_stdout = args.out == "-"
+    emit = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
     cfg = SamplingConfig(
         steps=args.steps or args.length,
         length=args.length,
@@ -116,46 +175,33 @@ def main(argv: list[str] | None = None) -> int:
         eos_fill=not args.no_eos_fill,
         seed=args.seed,
     )
-    jobs = [(p, s) for p, s in read_prompts(args) for _ in range(args.num_samples)]
-    requests = [Request(with_start(tok, tok.encode(p)) if p else [], tok.encode(s) if s else []) for p, s in jobs]
-
-    bar = tqdm(
-        total=len(requests) * cfg.steps, desc="denoise", unit="step", dynamic_ncols=True, disable=args.no_progress
-    )
-    lines = []
-    for b0 in range(0, len(requests), args.batch_size):
-        batch = requests[b0 : b0 + args.batch_size]
-
-        def on_step(rec: StepRecord, b0=b0) -> None:
-            bar.update(len(batch))
-            if args.show_steps:
-                for i in range(len(batch)):
-                    lo, n = rec.answer_start[i], rec.answer_len[i]
-                    text = render(tok, rec.ids[i, lo : lo + n].tolist(), rec.masked[i, lo : lo + n].tolist())
-                    bar.write(f"[{b0 + i}] step {rec.step + 1:>4}/{cfg.steps}: {text!r}")
-
-        done = bar.n
-        samples = generate(
-            model, batch, dataclasses.replace(cfg, seed=args.seed + b0), bos_id=bos, eos_id=eos, callback=on_step
-        )
-        bar.update(done + len(batch) * cfg.steps - bar.n)  # stopped early once nothing was masked
-        for i, smp in enumerate(samples):
-            prompt, suffix = jobs[b0 + i]
-            rec = {
-                "index": b0 + i,
-                "prompt": prompt,
-                "suffix": suffix,
-                "text": tok.decode(smp.tokens),
-                "tokens": smp.tokens,
-            }
-            bar.write(f"[{rec['index']}] {prompt}[{rec['text']}]{suffix}")
-            lines.append(rec)
-    bar.close()
+    jobs = [(n, p, s) for n, (p, s) in enumerate(prompts) for _ in range(args.num_samples)]
+    if args.ar:
+        _, eos = special_ids(model, tok)
+        starts = [with_start(tok, tok.encode(p) if p else []) for _, p, _ in jobs]
+        tokens = ar_generate(model, starts, args.length, eos, args.batch_size, not args.no_progress)
+        settings = {"mode": "ar", "length": args.length, "decoding": "greedy"}
+    else:
+        requests = [
+            Request(with_start(tok, tok.encode(p)) if p else [], tok.encode(s) if s else []) for _, p, s in jobs
+        ]
+        tokens = diffusion_tokens(model, tok, requests, cfg, args, emit)
+        settings = {"mode": "diffusion"} | dataclasses.asdict(cfg)
+    settings |= {"model": args.model, "tokenizer": tok.path}
+    records = [
+        {"index": i, "prompt_index": n, "prompt": p, "suffix": s, "text": tok.decode(t), "tokens": t}
+        for i, ((n, p, s), t) in enumerate(zip(jobs, tokens))
+    ]
+    lines = "".join(json.dumps({**r, "settings": settings}) + "\n" for r in records)
+    if to_stdout:
+        sys.stdout.write(lines)
+        return 0
+    for r in records:
+        print(readable(r))
     if args.out:
-        settings = dataclasses.asdict(cfg) | {"model": args.model, "tokenizer": tok.path}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, "".join(json.dumps({**r, "settings": settings}) + "\n" for r in lines))
-        print(f"wrote {len(lines)} samples to {args.out}")
+        atomic_write_text(args.out, lines)
+        print(f"wrote {len(records)} samples to {args.out}")
     return 0
 
 

@@ -36,6 +36,30 @@ def load_model(path: str, ar: bool = False, device: str = "cpu", dtype: str = "f
     return model.eval()
 
 
+def unadapted_ar_folder(path: str | Path) -> bool:
+    """A Hugging Face folder of a plain AR model (no [MASK] in its config). Loading one for diffusion
+    appends a mean-initialised [MASK] and switches to bidirectional attention: its samples and
+    ELBO scores mean nothing until the model is adapted."""
+    from dlm.models.hf import HFCheckpoint
+
+    p = Path(path)
+    return _is_hf_folder(p) and HFCheckpoint(p).config.mask_token_id is None
+
+
+def check_adapted(path: str | Path, allow: bool) -> None:
+    """Refuse diffusion use of a never-adapted AR folder unless `allow`; then warn loudly."""
+    if not unadapted_ar_folder(path):
+        return
+    what = (
+        f"{path} is a plain AR model (no [MASK] token): used as a diffusion model it gets a "
+        "mean-initialised [MASK] and bidirectional attention it was never trained with, so its "
+        "outputs are meaningless"
+    )
+    if not allow:
+        raise ValueError(f"{what}; adapt it first, pass --ar for the AR model, or --allow-unadapted to run anyway")
+    print(f"WARNING: {what} (--allow-unadapted)", file=sys.stderr)
+
+
 def train_state(path: str | Path) -> dict | None:
     """The trainer state of a training checkpoint (a run folder: its newest complete one);
     None for a Hugging Face style folder."""

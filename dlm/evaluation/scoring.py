@@ -68,9 +68,16 @@ def _chunks(jobs: Iterator, size: int) -> Iterator[list]:
 
 @torch.inference_mode()
 def elbo_nll(
-    model, questions: Sequence[Sequence[Pair]], num_samples: int, seed: int, batch_size: int, progress: bool = False
+    model,
+    questions: Sequence[Sequence[Pair]],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    progress: bool = False,
+    stats: dict | None = None,
 ) -> list[list[float]]:
-    """ELBO bound on -log p(continuation | context) in nats, per question and choice."""
+    """ELBO bound on -log p(continuation | context) in nats, per question and choice.
+    `stats["tokens"]` accumulates the unpadded tokens forwarded."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     mask_id = model.config.mask_token_id
@@ -82,10 +89,13 @@ def elbo_nll(
     causal = model.config.attention == "causal"  # attend as the model was trained (normally bidirectional)
     scores = [[0.0] * len(choices) for choices in questions]
 
+    def draws(q: int, choices: Sequence[Pair]) -> torch.Tensor:
+        width = max(len(cont) for _, cont in choices)
+        return torch.rand(K, width, generator=question_generator(seed, q))
+
     def jobs():
         for q, choices in enumerate(questions):
-            width = max(len(cont) for _, cont in choices)
-            u = torch.rand(K, width, generator=question_generator(seed, q))
+            u = draws(q, choices)
             for k in range(K):
                 t = (k + 0.5) / K
                 for j, (ctx, cont) in enumerate(choices):
@@ -96,7 +106,12 @@ def elbo_nll(
                             noisy[len(ctx) + m] = mask_id
                         yield q, j, t, noisy, [len(ctx) + m for m in hit], [cont[m] for m in hit]
 
-    total = sum(K * len(c) for c in questions)
+    # the bar counts rows actually forwarded: draws that mask nothing are skipped
+    thresholds = torch.tensor([(k + 0.5) / K for k in range(K)]).unsqueeze(1)
+    total = 0
+    for q, choices in enumerate(questions):
+        u = draws(q, choices)
+        total += sum(int((u[:, : len(cont)] < thresholds).any(1).sum()) for _, cont in choices)
     bar = tqdm(total=total, desc="elbo", unit="row", disable=not progress, dynamic_ncols=True)
     for batch in _chunks(jobs(), batch_size):
         inputs, positions, targets = ([b[i] for b in batch] for i in (3, 4, 5))
@@ -106,28 +121,42 @@ def elbo_nll(
         )
         for (q, j, t, *_), s in zip(batch, per_row):
             scores[q][j] += s / t / K
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + sum(map(len, inputs))
         bar.update(len(batch))
     bar.close()
     return scores
 
 
 @torch.inference_mode()
-def ar_nll(model, pairs: Sequence[Pair], batch_size: int, progress: bool = False) -> tuple[list[float], list[bool]]:
+def ar_nll(
+    model, pairs: Sequence[Pair], batch_size: int, progress: bool = False, stats: dict | None = None
+) -> tuple[list[float], list[bool]]:
     """Exact -log p(continuation | context) under the causal model, and whether greedy decoding
-    would reproduce the continuation (every target token is the argmax)."""
-    nlls, greedy = [], []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="ar", disable=not progress, dynamic_ncols=True):
-        chunk = pairs[start : start + batch_size]
-        for ctx, cont in chunk:
-            if not ctx or not cont:
-                raise ValueError("AR scoring needs a non-empty context (BOS at least) and continuation")
+    would reproduce the continuation (every target token is the argmax). Rows are batched
+    longest first (little padding; an out-of-memory shows at once) and returned in input order.
+    `stats["tokens"]` accumulates the unpadded tokens forwarded."""
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise ValueError("AR scoring needs a non-empty context (BOS at least) and continuation")
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    nlls, greedy = [0.0] * len(pairs), [False] * len(pairs)
+    bar = tqdm(total=len(pairs), desc="ar", unit="row", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chunk = [pairs[i] for i in idx]
         inputs = [c + x for c, x in chunk]
         positions = [list(range(len(c), len(c) + len(x))) for c, x in chunk]
         nll, hit, r = _forward_targets(model, inputs, positions, [x for _, x in chunk], causal=True, ar=True)
         n = len(chunk)
-        nlls += torch.zeros(n, dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
-        misses = torch.zeros(n, dtype=torch.long, device=nll.device).index_add_(0, r, (~hit).long())
-        greedy += (misses == 0).tolist()
+        row_nll = torch.zeros(n, dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        misses = torch.zeros(n, dtype=torch.long, device=nll.device).index_add_(0, r, (~hit).long()).tolist()
+        for i, v, m in zip(idx, row_nll, misses):
+            nlls[i], greedy[i] = v, m == 0
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + sum(map(len, inputs))
+        bar.update(n)
+    bar.close()
     return nlls, greedy
 
 

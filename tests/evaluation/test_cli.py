@@ -16,7 +16,27 @@ from dlm.models.hf import save_hf_model
 from dlm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "river", "stone", "night", "city", "light", "water", "red", "blue", "cat", "dog", "ran", "sat"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "river",
+    "stone",
+    "night",
+    "city",
+    "light",
+    "water",
+    "red",
+    "blue",
+    "cat",
+    "dog",
+    "ran",
+    "sat",
+]
 
 
 def _script(name: str):
@@ -49,7 +69,11 @@ def hf_folder(tmp_path_factory) -> Path:
     (root / "tok").mkdir()
     (root / "tok" / "tokenizer.model").write_bytes(buf.getvalue())
     vocab = load_tokenizer(root / "tok").vocab_size
-    cfg = preset("tiny-llama").replace(vocab_size=vocab, base_vocab_size=vocab, n_layers=1)
+    base = preset("tiny-llama").replace(vocab_size=vocab, base_vocab_size=vocab, n_layers=1)
+    plain = build_model(base)
+    plain.init_weights(seed=0)
+    save_hf_model(plain, base, root / "plain", tokenizer_from=root / "tok")  # an AR folder, never adapted
+    cfg = base.replace(vocab_size=vocab + 1, mask_token_id=vocab)  # as an adapted model's export
     model = build_model(cfg)
     model.init_weights(seed=0)
     save_hf_model(model, cfg, root / "model", tokenizer_from=root / "tok")
