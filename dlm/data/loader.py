@@ -55,8 +55,8 @@ def check_resume(state: DataState, dataset: PackedDataset, allow_changed: bool =
         msg = "the data differs from the checkpoint's: " + "; ".join(diffs)
         if not allow_changed:
             raise ValueError(
-                msg + ". Resuming would not continue the same sample sequence; pass "
-                "allow_changed=True (config: data.allow_changed) to resume anyway"
+                msg + ". Resuming would not continue the same sample sequence; to resume anyway, set "
+                "data.allow_changed_index = true in the config (or pass --data.allow_changed_index true)"
             )
         log.warning("%s; resuming at sample %d anyway (allow_changed)", msg, state.consumed_samples)
     return state.consumed_samples

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dlm.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from dlm.atomic import atomic_write, atomic_write_json, atomic_write_text, fsync_dir
 from dlm.data.store import sha256_file
 from dlm.models import build_model
 from dlm.models.config import ModelConfig
@@ -267,14 +267,49 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
     tokenizer_from: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a training checkpoint as a Hugging Face style folder (config.json + safetensors)."""
-    from dlm.models.hf import TOKENIZER_FILES, save_hf_model
+    """Write a training checkpoint as a Hugging Face style folder (config.json + safetensors) with
+    its tokenizer: `tokenizer_from`, else the one the run recorded (its init folder or the data's
+    tokenizer file). A recorded tokenizer that is no longer there is named in a warning."""
+    from dlm.models.hf import save_hf_model
 
     ckpt = resolve_checkpoint(path)
     state = json.loads((ckpt / STATE_FILE).read_text())
     model = load_model(ckpt, dtype=dtype)
-    if tokenizer_from is None:
-        src = state.get("tokenizer_from")
-        if src and any((Path(src) / n).is_file() for n in TOKENIZER_FILES):
-            tokenizer_from = src
-    return save_hf_model(model, model.config, out, tokenizer_from=tokenizer_from)
+    folder = save_hf_model(model, model.config, out)
+    src = tokenizer_from or state.get("tokenizer_from")
+    if src is None:
+        logger.warning("export %s holds no tokenizer: %s records none (pass one to copy)", folder, ckpt)
+        return folder
+    try:
+        export_tokenizer(src, folder)
+    except FileNotFoundError as e:
+        if tokenizer_from is not None:
+            raise
+        logger.warning("export %s holds no tokenizer: the run's tokenizer is gone (%s)", folder, e)
+    return folder
+
+
+# how an exported folder names each kind of tokenizer, so Hugging Face loaders and ours find it
+_EXPORT_NAMES = {
+    "sentencepiece": ["tokenizer.model"],
+    "hf": ["tokenizer.json", "tokenizer_config.json"],
+    "gpt2": ["vocab.json", "merges.txt"],
+}
+
+
+def export_tokenizer(src: str | os.PathLike, out: Path) -> list[str]:
+    """Copy a tokenizer into the HF folder `out` and return the names written: every tokenizer
+    file of an HF-style folder, or a single tokenizer given by path under its standard name (a
+    SentencePiece `spm.model` becomes `tokenizer.model`)."""
+    from dlm.models.hf import TOKENIZER_FILES
+    from dlm.tokenizer import resolve_tokenizer
+
+    p = Path(src)
+    if p.is_dir() and any((p / n).is_file() for n in TOKENIZER_FILES):
+        files = {n: p / n for n in TOKENIZER_FILES if (p / n).is_file()}
+    else:
+        kind, found = resolve_tokenizer(p)
+        files = dict(zip(_EXPORT_NAMES[kind], found))
+    for name, f in files.items():
+        atomic_write(out / name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+    return sorted(files)

@@ -21,7 +21,7 @@ from dlm.train.config import ModelSection
 class WeightSource:
     config: ModelConfig  # final: [MASK] included, attention mode and backend applied
     tensor: Callable[[str], torch.Tensor]
-    tokenizer_from: str | None  # folder whose tokenizer files an export copies
+    tokenizer_from: str | None  # tokenizer (a file or a folder) an export copies
 
 
 def _with_mask(cfg: ModelConfig, mask_id: int | None) -> ModelConfig:
@@ -68,7 +68,7 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
                 full.update(model.state_dict())
             return full.pop(name)
 
-        return WeightSource(cfg, random_tensor, _tokenizer_folder(data_tokenizer["path"]) if data_tokenizer else None)
+        return WeightSource(cfg, random_tensor, data_tokenizer["path"] if data_tokenizer else None)
 
     from dlm.models.hf import HFCheckpoint
 
@@ -78,6 +78,8 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
             f"model.init_from = {section.init_from!r} takes its architecture from config.json; "
             "leave model.preset and model.overrides empty"
         )
+    if data_tokenizer is not None:
+        check_tokenizer(data_tokenizer, section.init_from)
     base = ckpt.config
     cfg = _with_mask(base, mask_id).replace(attention=section.attention, attn_backend=section.attn_backend)
 
@@ -88,13 +90,24 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
             t = add_mask_token({"tok_embeddings.weight": t}, base, mask_id)[0]["tok_embeddings.weight"]
         return t
 
-    return WeightSource(cfg, hf_tensor, _tokenizer_folder(section.init_from))
+    return WeightSource(cfg, hf_tensor, section.init_from)
 
 
-def _tokenizer_folder(path: str) -> str | None:
-    """The folder holding a tokenizer an export can copy (tokenizer.json / .model / GPT-2 files)."""
-    from dlm.models.hf import TOKENIZER_FILES
+def check_tokenizer(data_tokenizer: dict, model_folder: str | Path) -> None:
+    """Refuse data tokenized with another tokenizer than the model's (equal vocabulary sizes prove
+    nothing). Compares content hashes: the store's against each tokenizer the model folder holds
+    (tokenizer.json, tokenizer.model, GPT-2 files); a folder without one cannot be checked."""
+    from dlm.tokenizer import tokenizer_sha256
 
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    return str(folder) if any((folder / n).is_file() for n in TOKENIZER_FILES) else None
+    folder = Path(model_folder)
+    held = {
+        n: tokenizer_sha256(folder / n)
+        for n in ("tokenizer.json", "tokenizer.model", "vocab.json")
+        if (folder / n).is_file()
+    }
+    if held and data_tokenizer["sha256"] not in held.values():
+        raise ValueError(
+            f"the data was tokenized with {data_tokenizer.get('name') or data_tokenizer.get('path')} "
+            f"(sha256 {data_tokenizer['sha256'][:12]}) but model.init_from {folder} holds another tokenizer "
+            f"({', '.join(f'{n} sha256 {h[:12]}' for n, h in held.items())}): tokenize the data with the model's tokenizer"
+        )
