@@ -225,8 +225,21 @@ def apply_overrides(raw: dict, args: list[str]) -> dict:
         if section == "model" and name.startswith("overrides."):
             raw.setdefault("model", {}).setdefault("overrides", {})[name.split(".", 1)[1]] = _parse_value(text)
         else:
-            raw.setdefault(section, {})[name] = _parse_value(text)
+            raw.setdefault(section, {})[name] = _check_override(section, name, _parse_value(text))
     return raw
+
+
+def _check_override(section: str, name: str, value: Any) -> Any:
+    """Type-check one override here, so an error names the flag rather than the TOML file."""
+    where = f"command line --{section}.{name}"
+    sections = typing.get_type_hints(TrainConfig)
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section {section!r}; known: {sorted(sections)}")
+    hints = typing.get_type_hints(sections[section])
+    if name not in hints:
+        raise ConfigError(f"{where}: unknown key; [{section}] has {sorted(hints)}")
+    _check_type(value, hints[name], where)
+    return value
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:

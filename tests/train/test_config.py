@@ -92,6 +92,22 @@ def test_bad_config_names_the_key(args, message):
         load_config(TINY, args)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.steps", "ten"], "command line --train.steps: expected an integer, got 'ten'"),
+        (["--train.steps=ten"], "command line --train.steps: expected an integer"),
+        (["--optim.lrr", "1"], "command line --optim.lrr: unknown key"),
+        (["--optimizer.lr", "1"], "command line --optimizer.lr: unknown section 'optimizer'"),
+        (["--optim.decay", "exp"], "command line --optim.decay: 'exp' is not one of"),
+    ],
+)
+def test_bad_override_names_the_flag_not_the_file(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, args)
+    assert str(e.value).startswith(message) and str(TINY) not in str(e.value)
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.read_text().replace("[optim]", "[optim]\nlearning_rate = 1.0"))
