@@ -5,6 +5,14 @@ Import reads `LlamaForCausalLM` / `GPT2LMHeadModel` key layouts, one file or sha
 model). Export writes the same layout, loadable by `transformers` as the AR class, plus the
 diffusion fields (`mask_token_id`, `attention`, `dlm_config`). Only JSON and safetensors are
 read: nothing is ever unpickled.
+
+The seed's released checkpoints import too. DiffuLLaMA is a plain `LlamaForCausalLM` folder
+(load it with `mask_token_id=811`, the existing token the seed used as `[MASK]`). DiffuGPT was saved
+with `PyTorchModelHubMixin` from the seed's `DiscreteDiffusionModel`: `model.safetensors` holds
+`embed_tokens.weight`, `denoise_model.*` (the GPT-2 transformer without `wte`) and `lm_head.weight`
+(tied to the embeddings), the vocabulary resized to the tokenizer's length; `config.json` must give
+the GPT-2 shape (top level or under "config"; copy the base model's if the folder lacks one).
+DiffuGPT-S uses the existing id 10541 as `[MASK]`; DiffuGPT-M appended one (id 50257).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ TOKENIZER_FILES = (
 )
 # HF buffers and duplicates that carry no parameters of ours
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# the seed's DiscreteDiffusionModel (PyTorchModelHubMixin): embeddings split off the transformer
+MIXIN_EMBED, MIXIN_BODY = "embed_tokens.weight", "denoise_model."
 
 
 # ---------------------------------------------------------------------------- key layouts
@@ -220,9 +230,17 @@ class HFCheckpoint:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if raw.get("model_type") is None and isinstance(raw.get("config"), dict):
+            raw = raw["config"]  # PyTorchModelHubMixin keeps an init argument `config` nested
         self.config = config_from_hf(raw, str(cfg_path))
         self._files = self._tensor_files()  # HF name -> file
+        self.mixin = any(k.startswith(MIXIN_BODY) for k in self._files)  # the seed's DiffuGPT layout
+        if self.mixin:
+            rows = self._mixin_vocab()
+            self.config = self.config.replace(vocab_size=rows, base_vocab_size=rows)
         self._map = self._resolve(hf_key_map(self.config))
+        if self.mixin and self.config.tie_embeddings and "lm_head.weight" in self._files:
+            self._check_tied()
         with torch.device("meta"):
             self._shapes = {k: tuple(v.shape) for k, v in build_model(self.config).state_dict().items()}
 
@@ -247,11 +265,41 @@ class HFCheckpoint:
             )
         raise FileNotFoundError(f"{self.folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
+    def _mixin_vocab(self) -> int:
+        """A DiffuGPT folder's vocabulary: the rows of its embedding table (resized to the
+        tokenizer's length; config.json may still give the base model's)."""
+        if MIXIN_EMBED not in self._files:
+            raise KeyError(f"{self.folder}: denoise_model.* tensors but no {MIXIN_EMBED!r}")
+        with safe_open(self._files[MIXIN_EMBED], framework="pt") as f:
+            return f.get_slice(MIXIN_EMBED).get_shape()[0]
+
+    def _check_tied(self) -> None:
+        """DiffuGPT stores lm_head.weight beside the embeddings; our GPT-2 ties them, so they must agree."""
+        with safe_open(self._files["lm_head.weight"], framework="pt") as f:
+            head = f.get_tensor("lm_head.weight")
+        with safe_open(self._files[MIXIN_EMBED], framework="pt") as f:
+            embed = f.get_tensor(MIXIN_EMBED)
+        if head.shape != embed.shape or not torch.equal(head, embed):
+            raise ValueError(
+                f"{self.folder}: lm_head.weight differs from {MIXIN_EMBED}; untied GPT-2 heads are not implemented"
+            )
+
+    def _stored_name(self, theirs: str) -> str:
+        """The name of an HF tensor in the DiffuGPT layout: wte / embed_tokens split off, the rest
+        of the transformer under denoise_model."""
+        if theirs in ("transformer.wte.weight", "model.embed_tokens.weight"):
+            return MIXIN_EMBED
+        if theirs.startswith(("transformer.", "model.")):
+            return MIXIN_BODY + theirs.split(".", 1)[1]
+        return theirs
+
     def _resolve(self, wanted: dict[str, tuple[str, bool]]) -> dict[str, tuple[str, bool]]:
         """Match expected HF names against stored ones, with or without the `model.` /
-        `transformer.` prefix (the original GPT-2 uploads have none)."""
+        `transformer.` prefix (the original GPT-2 uploads have none), or in the DiffuGPT layout."""
         resolved = {}
         for ours, (theirs, transposed) in wanted.items():
+            if self.mixin:
+                theirs = self._stored_name(theirs)
             bare = theirs.split(".", 1)[1] if theirs.startswith(("model.", "transformer.")) else theirs
             name = theirs if theirs in self._files else bare if bare in self._files else None
             if name is None:
