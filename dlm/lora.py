@@ -16,9 +16,11 @@ back into plain `nn.Linear`, so the model exports as an ordinary Hugging Face fo
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +31,11 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "is_lora_param",
+    "load_lora_checkpoint",
     "lora_init",
     "merge_lora",
     "trainable_names",
+    "with_lora_init",
 ]
 
 # Hugging Face module names -> ours (LLaMA and GPT-2); GPT-2's c_proj names two layers
@@ -128,7 +132,7 @@ def lora_init(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
 
 
 def _expand(names: Sequence[str]) -> set[str]:
-    out = set()
+    out: set[str] = set()
     for n in names:
         out.update(HF_ALIASES.get(n, (n,)))
     return out
@@ -139,7 +143,8 @@ def _targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     output head is computed from `output_weight()` by the fused loss, not called as a module)."""
     wanted = _expand(cfg.targets)
     found = []
-    for name, module in model.layers.named_modules(prefix="layers"):
+    layers: nn.Module = model.layers  # type: ignore[assignment]
+    for name, module in layers.named_modules(prefix="layers"):
         if type(module) is nn.Linear and ("all" in wanted or name.rsplit(".", 1)[-1] in wanted):
             found.append(name)
     if not found:
@@ -173,6 +178,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name in _targets(model, cfg):
         parent_name, leaf = name.rsplit(".", 1)
         parent, old = model.get_submodule(parent_name), model.get_submodule(name)
+        assert isinstance(old, nn.Linear)
         new = LoRALinear(
             old.in_features,
             old.out_features,
@@ -190,8 +196,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                     getattr(new, p).copy_(lora_init(f"{name}.{p}", getattr(new, p).shape, cfg.seed))
         parent.register_module(leaf, new)
     trainable = set(_extra(model, cfg.extra_trainable))
-    for pname, p in model.named_parameters():
-        p.requires_grad_(is_lora_param(pname) or pname in trainable)
+    for pname, param in model.named_parameters():
+        param.requires_grad_(is_lora_param(pname) or pname in trainable)
     return trainable_names(model)
 
 
@@ -220,3 +226,44 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def with_lora_init(model: nn.Module, tensor: Callable[[str], torch.Tensor], seed: int) -> Callable[[str], torch.Tensor]:
+    """A weight source for `dlm.train.parallelize.load_weights` on an adapted (meta) model: base
+    tensors from `tensor`, adapters from `lora_init`."""
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items() if is_lora_param(n)}
+    return lambda name: lora_init(name, shapes[name], seed) if name in shapes else tensor(name)
+
+
+def load_lora_checkpoint(ckpt: Path, state: dict) -> nn.Module:
+    """The merged model of a LoRA training checkpoint (which holds only the trainable tensors):
+    the base rebuilt from the run's model section, the adapters and extras read from DCP, then
+    `merge_lora`. The base (model.init_from) must still be where the run found it."""
+    import torch.distributed.checkpoint as dcp
+
+    from dlm.models import build_model
+    from dlm.models.config import ModelConfig
+    from dlm.train.config import LoRASection, ModelSection
+    from dlm.train.weights import weight_source
+
+    train_cfg = state["train_config"]
+    section = ModelSection(**train_cfg["model"])
+    if section.init_from == "random" or not Path(section.init_from).is_dir():
+        raise FileNotFoundError(
+            f"{ckpt} holds LoRA adapters only; their base model {section.init_from!r} (model.init_from) is not a folder"
+        )
+    source = weight_source(section, train_cfg["train"]["seed"])
+    saved = ModelConfig.from_dict(state["model_config"])
+    if source.config.replace(attn_backend="auto") != saved.replace(attn_backend="auto"):
+        raise ValueError(f"{ckpt}: the base model in {section.init_from} no longer matches the run's model config")
+    lcfg = LoRAConfig(**LoRASection(**train_cfg["lora"]).__dict__, seed=train_cfg["train"]["seed"])
+    with torch.device("meta"):
+        model = build_model(saved)
+    model.load_state_dict({n: source.tensor(n) for n in model.state_dict()}, assign=True)
+    trainable = apply_lora(model, lcfg)  # base on CPU now: adapters are created there too
+    sd = model.state_dict()
+    wanted = {n: sd[n] for n in trainable}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": wanted}, checkpoint_id=ckpt, no_dist=True)  # in place into the live tensors
+    return merge_lora(model)

@@ -101,6 +101,7 @@ class SFTDataset:
         if overlong not in ("error", "skip"):
             raise ValueError(f"overlong must be 'error' or 'skip', got {overlong!r}")
         self.fmt, self.seq_len, self.seed, self.pack = fmt, fmt.seq_len, int(seed), pack
+        self.tokenizer = tokenizer.facts()
         self.parts: list[tuple[list[int], list[int]]] = []
         self.skipped = 0
         for path in paths:
@@ -171,3 +172,34 @@ class SFTDataset:
     def batch(self, ids) -> dict[str, torch.Tensor]:
         ids = [int(k) for k in ids]
         return collate_sft([self.row(k) for k in ids], ids)
+
+
+def sft_format(tokenizer, seq_len: int, sep_id: int = -1, pad_id: int = -1) -> SFTFormat:
+    """The row layout for a tokenizer: BOS where its model expects one (as evaluation prompts
+    do), EOS closing the response; SEP and PAD default (-1) to EOS."""
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no EOS id: SFT rows need one to end the response")
+    return SFTFormat(
+        seq_len=seq_len,
+        sep_id=eos if sep_id < 0 else sep_id,
+        eos_id=eos,
+        pad_id=eos if pad_id < 0 else pad_id,
+        bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+    )
+
+
+def load_sft_dataset(section, seq_len: int, seed: int, default_tokenizer: str) -> SFTDataset:
+    """The dataset a `[finetune]` config section (dlm.train.config.FinetuneSection) describes."""
+    from dlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(section.tokenizer or default_tokenizer)
+    return SFTDataset(
+        section.paths,
+        tok,
+        sft_format(tok, seq_len, section.sep_id, section.pad_id),
+        RecordFormat(section.format, section.prompt_field, section.response_field),
+        seed=seed,
+        pack=section.pack,
+        overlong=section.overlong,
+    )

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dlm.atomic import atomic_write, atomic_write_json, atomic_write_text, fsync_dir
 from dlm.data.store import sha256_file
@@ -93,9 +93,12 @@ def _gather(obj: object) -> list:
 class Checkpointer:
     """Saves and restores the full training state; every rank calls every method."""
 
-    def __init__(self, folder: Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, folder: Path, keep_last: int, rank: int, world_size: int, trainable_only: bool = False):
+        """trainable_only: model tensors saved and restored are the trainable ones (LoRA: adapters
+        and extras; the frozen base comes from model.init_from on every start)."""
         self.folder = folder
         self.keep_last = keep_last
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only)
         self.rank = rank
         self.world_size = world_size
         if rank == 0:
@@ -121,7 +124,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         save_file(_rng_state(), str(tmp / "rng" / f"rank_{self.rank:05d}.safetensors"))
         if self.rank == 0:
@@ -138,7 +141,7 @@ class Checkpointer:
             fsync_dir(self.folder)
             for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
                 shutil.rmtree(old)
-            logger.info("checkpoint %s committed", final)
+            logger.info("checkpoint %s committed (%.2f MB)", final, _bytes(final) / 1e6)
         dist.barrier()
         return final
 
@@ -203,10 +206,12 @@ class Checkpointer:
         """Restore model and optimizer shards (resharded to this world size) and this rank's RNG
         state when the world size is unchanged; returns the trainer state."""
         state = json.loads((path / STATE_FILE).read_text())
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=self.options
+        )
         if state["world_size"] == self.world_size:
             _set_rng_state(load_file(str(path / "rng" / f"rank_{self.rank:05d}.safetensors")))
         else:
@@ -216,6 +221,10 @@ class Checkpointer:
                 self.world_size,
             )
         return state
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -248,6 +257,10 @@ def load_model(
         return load_hf_model(p, mask_token_id="append", attention=attention, device=device, dtype=dtype)
     ckpt = resolve_checkpoint(p)
     state = json.loads((ckpt / STATE_FILE).read_text())
+    if state.get("train_config", {}).get("lora", {}).get("rank", 0) > 0:
+        from dlm.lora import load_lora_checkpoint  # adapters only: base + adapters, merged
+
+        return load_lora_checkpoint(ckpt, state).to(device=device, dtype=dtype).eval()
     cfg = ModelConfig.from_dict(state["model_config"])
     with torch.device("meta"):
         model = build_model(cfg)

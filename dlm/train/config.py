@@ -76,13 +76,45 @@ class OptimSection:
 
 
 @dataclass
+class FinetuneSection:
+    """Fine-tuning data, read when train.stage is "sft" (diffusion) or "ar_sft" (the AR baseline):
+    JSON lines / JSON / parquet records (dlm.data.sft) laid out as [BOS] prompt [SEP] response
+    [EOS] [PAD]... in rows of data.seq_len, ordered by data.seed."""
+
+    paths: list[str] = field(default_factory=list)
+    format: Literal["gsm8k", "instruction", "fields"] = "fields"
+    prompt_field: str = "prompt"  # format "fields"
+    response_field: str = "response"
+    tokenizer: str = ""  # "": the model.init_from folder's tokenizer
+    sep_id: int = -1  # -1: the tokenizer's EOS id
+    pad_id: int = -1  # -1: the tokenizer's EOS id
+    pack: bool = False  # several examples per row, each its own attention segment
+    overlong: Literal["error", "skip"] = "error"  # an example longer than data.seq_len: fail, or drop and count
+
+
+@dataclass
+class LoRASection:
+    """LoRA adapters (dlm.lora); rank 0 trains every parameter. targets: ["all"] or module names
+    (ours or Hugging Face's: q_proj, gate_proj, c_attn ...); extra_trainable: modules trained in
+    full, e.g. ["embed_tokens"]."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    extra_trainable: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainSection:
+    stage: Literal["pretrain", "sft", "ar_sft"] = "pretrain"  # sft / ar_sft read [finetune], not data.paths
     run_dir: str = "runs/default"
     steps: int = 1000
     global_batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 1  # sequences per forward pass on one rank
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    debug: bool = False  # per-call value checks that read tensors back (dlm.debug): slower steps
 
 
 @dataclass
@@ -124,6 +156,8 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,7 +293,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that need no distributed state."""
     t, d, o = cfg.train, cfg.data, cfg.optim
-    if not d.paths:
+    if t.stage != "pretrain":
+        validate_finetune(cfg)
+    if cfg.lora.rank and cfg.model.init_from == "random":
+        raise ConfigError("lora.rank > 0 adapts pretrained weights: set model.init_from to a model folder")
+    elif not d.paths:
         raise ConfigError("data.paths is empty: name at least one tokenized store")
     for p in d.paths:
         if not Path(p).is_dir():
@@ -292,6 +330,30 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     if cfg.metrics.sample_every > 0 and not cfg.metrics.sample_tokenizer:
         raise ConfigError("metrics.sample_every > 0 needs metrics.sample_tokenizer to decode samples")
+
+
+def validate_finetune(cfg: TrainConfig) -> None:
+    f, stage = cfg.finetune, cfg.train.stage
+    if cfg.data.paths:
+        raise ConfigError(
+            f"train.stage = {stage!r} reads finetune.paths; data.paths is for pretraining, leave it empty"
+        )
+    if not f.paths:
+        raise ConfigError(f"train.stage = {stage!r} needs finetune.paths (JSON lines / JSON / parquet files)")
+    for p in f.paths:
+        if not Path(p).exists():
+            raise ConfigError(f"finetune.paths: {p!r} does not exist")
+    if not f.tokenizer and cfg.model.init_from == "random":
+        raise ConfigError("finetune.tokenizer is needed when model.init_from = 'random'")
+    if stage == "sft" and cfg.diffusion.random_length_prob > 0:
+        raise ConfigError(
+            "diffusion.random_length_prob must be 0 for SFT: a random crop would cut responses (the layout's "
+            "padding already teaches where a response ends)"
+        )
+    if stage == "ar_sft" and cfg.model.attention != "causal":
+        raise ConfigError("train.stage = 'ar_sft' trains a causal model: set model.attention = 'causal'")
+    if cfg.lora.rank < 0 or not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError("lora.rank must be >= 0 and lora.dropout in [0, 1)")
 
 
 def check_world(cfg: TrainConfig, world_size: int) -> int:
