@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,17 @@ from dlm.attention.layout import AttentionLayout
 from dlm.diffusion import LossOutput
 from dlm.kernels.masked_ce import masked_cross_entropy
 
-__all__ = ["ARBatch", "SFTFormat", "ar_batch", "ar_loss", "collate_sft", "example_parts", "pack_row", "sft_example"]
+__all__ = [
+    "ARBatch",
+    "ARObjective",
+    "SFTFormat",
+    "ar_batch",
+    "ar_loss",
+    "collate_sft",
+    "example_parts",
+    "pack_row",
+    "sft_example",
+]
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,13 @@ class ARBatch:
 
     norm_count = n_eligible  # the trainer's loss normalizer: scored tokens of the global batch
 
+    cu_seqlens: torch.Tensor | None = None  # from the host copy (no device read-back), else derived
+    max_seqlen: int | None = None
+
     def layout(self) -> AttentionLayout:
-        return AttentionLayout.from_position_ids(self.position_ids, causal=True)
+        return AttentionLayout.from_position_ids(
+            self.position_ids, causal=True, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen
+        )
 
 
 def ar_batch(batch: dict) -> ARBatch:
@@ -143,7 +159,7 @@ def ar_batch(batch: dict) -> ARBatch:
             raise KeyError(f"AR-SFT batch is missing {key!r} (has {sorted(batch)}): build rows with dlm.sft")
     scored = batch["response"] & (batch["position_ids"] != 0)
     scored[:, 0] = False
-    return ARBatch(batch["input_ids"], batch["position_ids"], scored)
+    return ARBatch(batch["input_ids"], batch["position_ids"], scored, batch.get("cu_seqlens"), batch.get("max_seqlen"))
 
 
 def ar_loss(model: nn.Module, batch: ARBatch, normalizer: torch.Tensor | float, step: int | None = None) -> LossOutput:
@@ -171,3 +187,28 @@ def ar_loss(model: nn.Module, batch: ARBatch, normalizer: torch.Tensor | float, 
         t_sum=torch.zeros((), device=nll_sum.device),
         rows=batch.input_ids.shape[0],
     )
+
+
+class ARObjective:
+    """AR-SFT as a `dlm.train.step.Objective`: the logged statistic is the response NLL (nats per
+    scored token)."""
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        layout = AttentionLayout.from_position_ids(batch["position_ids"], causal=True)  # host: no device sync
+        out["cu_seqlens"] = layout.cu_seqlens.to(device, non_blocking=True)
+        out["max_seqlen"] = layout.max_seqlen
+        return out
+
+    def prepare(self, batch: dict[str, Any], step: int) -> ARBatch:
+        return ar_batch(batch)
+
+    def counts(self, prepared: ARBatch) -> torch.Tensor:
+        n = prepared.n_eligible
+        return torch.stack([n, n]).double()
+
+    def loss(
+        self, model: nn.Module, prepared: ARBatch, normalizer: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = ar_loss(model, prepared, normalizer)
+        return out.loss, out.elbo_sum
