@@ -293,10 +293,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that need no distributed state."""
     t, d, o = cfg.train, cfg.data, cfg.optim
-    if t.stage != "pretrain":
-        validate_finetune(cfg)
     if cfg.lora.rank and cfg.model.init_from == "random":
         raise ConfigError("lora.rank > 0 adapts pretrained weights: set model.init_from to a model folder")
+    if t.stage != "pretrain":
+        validate_finetune(cfg)
     elif not d.paths:
         raise ConfigError("data.paths is empty: name at least one tokenized store")
     for p in d.paths:

@@ -77,3 +77,47 @@ def tiny_gpt2_hf(tmp_path_factory, word_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def copy_jsonl(tmp_path_factory) -> Path:
     return _write_jsonl(tmp_path_factory.mktemp("sft") / "copy.jsonl", copy_task(64))
+
+
+def _train_conftest():
+    """tests/train/conftest.py as a module: its torchrun runner is reused, not copied."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "train" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("dlm_tests_train_conftest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SFT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny_sft_cpu.toml"
+
+
+class FinetuneRun(_train_conftest().Torchrun):
+    """launch/pretrain.py under torchrun with launch/configs/tiny_sft_cpu.toml and test overrides."""
+
+    def __init__(self, init_from: Path, data: Path):
+        super().__init__(store=data)
+        self.init_from, self.data = init_from, data
+
+    def args(self, run_dir: Path, **overrides) -> list[str]:
+        values = {
+            "model.init_from": str(self.init_from),
+            "finetune.paths": str(self.data),
+            "data.seq_len": 24,
+            "train.run_dir": str(run_dir),
+            "optim.warmup_steps": 2,
+            "optim.lr": 1e-2,
+            "metrics.log_every": 1,
+            **overrides,
+        }
+        out = ["--config", str(SFT_CONFIG)]
+        for k, v in values.items():
+            out += [f"--{k}", json.dumps(v) if isinstance(v, (bool, list)) else str(v)]
+        return out
+
+
+@pytest.fixture(scope="session")
+def finetune_run(tiny_llama_hf, copy_jsonl) -> FinetuneRun:
+    return FinetuneRun(tiny_llama_hf, copy_jsonl)
