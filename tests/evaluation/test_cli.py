@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
-import random
 from pathlib import Path
 
 import pytest
-
-from dlm.models import build_model, preset
-from dlm.models.hf import save_hf_model
-from dlm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = [
@@ -44,40 +38,6 @@ def _script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
-    import sentencepiece as spm
-
-    root = tmp_path_factory.mktemp("cli")
-    r = random.Random(0)
-    corpus = [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 12))) + "." for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buf,
-        vocab_size=80,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-        num_threads=1,
-    )
-    (root / "tok").mkdir()
-    (root / "tok" / "tokenizer.model").write_bytes(buf.getvalue())
-    vocab = load_tokenizer(root / "tok").vocab_size
-    base = preset("tiny-llama").replace(vocab_size=vocab, base_vocab_size=vocab, n_layers=1)
-    plain = build_model(base)
-    plain.init_weights(seed=0)
-    save_hf_model(plain, base, root / "plain", tokenizer_from=root / "tok")  # an AR folder, never adapted
-    cfg = base.replace(vocab_size=vocab + 1, mask_token_id=vocab)  # as an adapted model's export
-    model = build_model(cfg)
-    model.init_weights(seed=0)
-    save_hf_model(model, cfg, root / "model", tokenizer_from=root / "tok")
-    return root / "model"
 
 
 def test_generate_cli(hf_folder, tmp_path, capsys):
