@@ -34,7 +34,15 @@ if __package__ in (None, ""):  # `python launch/evaluate.py` from a checkout
 import torch
 
 from dlm.atomic import atomic_write_text
-from dlm.evaluation.loading import DTYPES, check_adapted, find_tokenizer, load_model, run_main, train_state
+from dlm.evaluation.loading import (
+    DTYPES,
+    check_adapted,
+    find_tokenizer,
+    load_model,
+    run_main,
+    sft_layout,
+    train_state,
+)
 from dlm.evaluation.runner import SAMPLES_FORMAT, EvalConfig, evaluate, task_paths
 from dlm.sampling import ORDERS
 
@@ -77,8 +85,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--order", choices=ORDERS, default="confidence")
     ap.add_argument("--block-size", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--sep-id", type=int, default=None, help="GSM8K after SFT: prompt = [BOS] question [SEP]")
-    ap.add_argument("--pad-id", type=int, default=None, help="SFT layout: generation also ends at this id")
+    ap.add_argument(
+        "--sep-id", type=int, default=None, help="after SFT: prompt = [BOS] question [SEP] (default: the run's)"
+    )
+    ap.add_argument(
+        "--pad-id", type=int, default=None, help="SFT layout: generation also ends here (default: the run's)"
+    )
     ap.add_argument(
         "--seq-len", type=int, default=None, help="held-out row length (default: the training run's, else 1024)"
     )
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model, ar=args.ar, device=args.device, dtype=args.dtype)
     tok = find_tokenizer(args.model, args.tokenizer)
+    sft = sft_layout(args.model, tok)  # a fine-tuning run: prompt it in its training layout
     seq_len = args.seq_len or _train_seq_len(args.model) or min(1024, model.config.max_seq_len)
     cfg = EvalConfig(
         ar=args.ar,
@@ -117,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         order=args.order,
         block_size=args.block_size,
         temperature=args.temperature,
-        sep_id=args.sep_id,
-        pad_id=args.pad_id,
+        sep_id=args.sep_id if args.sep_id is not None else (sft.sep_id if sft else None),
+        pad_id=args.pad_id if args.pad_id is not None else (sft.pad_id if sft else None),
         seq_len=seq_len,
         heldout_fraction=args.heldout_fraction,
         progress=not args.no_progress,

@@ -4,6 +4,12 @@
     python launch/generate.py runs/demo/export --prompts-file prompts.jsonl --out samples.jsonl
     python launch/generate.py MODEL --prompt "The cat" --suffix "and it slept." --length 16 --show-steps
     python launch/generate.py hf/smollm2 --ar --prompt "The capital of France is" --length 16
+    python launch/generate.py runs/sudoku_sft --sft --prompt "1..4.4..2..3...1"
+
+--sft prompts a fine-tuned model in its training layout: `[BOS] prompt [SEP]` fixed, the response
+region masked (by default the rest of the training row), the answer cut at the first EOS or PAD.
+The ids come from the fine-tuning run (a LoRA run loads merged); for an exported folder pass
+--sep-id (and --pad-id).
 
 MODEL is a training run / checkpoint folder or a Hugging Face style folder. --prompts-file is a
 .jsonl file of {"prompt": ..., "suffix": ...} objects or a text file with one prompt per line.
@@ -26,7 +32,16 @@ import torch
 from tqdm import tqdm
 
 from dlm.atomic import atomic_write_text
-from dlm.evaluation.loading import DTYPES, check_adapted, find_tokenizer, load_model, run_main, special_ids
+from dlm.data.sft import sft_format
+from dlm.evaluation.loading import (
+    DTYPES,
+    check_adapted,
+    find_tokenizer,
+    load_model,
+    run_main,
+    sft_layout,
+    special_ids,
+)
 from dlm.evaluation.runner import with_start
 from dlm.evaluation.scoring import ar_generate
 from dlm.sampling import ORDERS, Request, SamplingConfig, StepRecord, generate
@@ -111,6 +126,30 @@ def diffusion_tokens(model, tok, requests: list[Request], cfg: SamplingConfig, a
     return out
 
 
+def cut_at(tokens: list[int], stops: set[int]) -> list[int]:
+    """The answer up to (not including) its first EOS / PAD."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
+def sft_rows(args, model, tok, prompts: list[str]) -> tuple[list[list[int]], list[int], set[int]]:
+    """--sft: ([BOS] prompt [SEP] per prompt, response tokens to generate, ids that end a response).
+    The layout comes from the fine-tuning run, or from --sep-id / --pad-id (an exported folder)."""
+    run = sft_layout(args.model, tok)
+    if args.sep_id is not None:
+        sep = args.sep_id
+    elif run is not None:
+        sep = run.sep_id
+    else:
+        raise ValueError(f"{args.model} is not a fine-tuning run: give --sep-id (and --pad-id) for --sft")
+    pad = args.pad_id if args.pad_id is not None else (run.pad_id if run else -1)
+    fmt = sft_format(tok, run.seq_len if run else model.config.max_seq_len, sep, pad)
+    starts = [fmt.prompt(tok.encode(p)) for p in prompts]
+    lengths = [args.length or (fmt.seq_len - len(st) if run else 64) for st in starts]
+    if min(lengths) < 1:
+        raise ValueError(f"a prompt fills the whole training row of {fmt.seq_len} tokens; pass --length")
+    return starts, lengths, {fmt.eos_id, fmt.pad_id}
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="training run/checkpoint folder or Hugging Face style folder")
@@ -123,7 +162,10 @@ def parser() -> argparse.ArgumentParser:
         "--allow-unadapted", action="store_true", help="sample a plain AR folder as a diffusion model anyway"
     )
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    ap.add_argument("--length", type=int, default=64, help="tokens to generate")
+    ap.add_argument("--length", type=int, default=None, help="tokens to generate (default 64; --sft: rest of the row)")
+    ap.add_argument("--sft", action="store_true", help="the fine-tuning layout: [BOS] prompt [SEP], cut at EOS/PAD")
+    ap.add_argument("--sep-id", type=int, default=None, help="--sft: the [SEP] id (default: the run's)")
+    ap.add_argument("--pad-id", type=int, default=None, help="--sft: the [PAD] id (default: the run's)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: --length)")
     ap.add_argument("--order", choices=ORDERS, default="confidence")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -160,13 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.ar:
         check_adapted(args.model, args.allow_unadapted)
 
+    if args.sft and any(s for _, s in prompts):
+        ap.error("--sft generates the response after [SEP]; it takes no --suffix")
+    if (args.sep_id is not None or args.pad_id is not None) and not args.sft:
+        ap.error("--sep-id / --pad-id apply to --sft")
+
     model = load_model(args.model, ar=args.ar, device=args.device, dtype=args.dtype)
     tok = find_tokenizer(args.model, args.tokenizer)
+    jobs = [(n, p, s) for n, (p, s) in enumerate(prompts) for _ in range(args.num_samples)]
+    sft = sft_rows(args, model, tok, [p for _, p, _ in jobs]) if args.sft else None
+    length = args.length or 64
     to_stdout = args.out == "-"
     emit = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
     cfg = SamplingConfig(
-        steps=args.steps or args.length,
-        length=args.length,
+        steps=args.steps or (max(sft[1]) if sft else length),
+        length=length,
         order=args.order,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -175,19 +225,24 @@ def main(argv: list[str] | None = None) -> int:
         eos_fill=not args.no_eos_fill,
         seed=args.seed,
     )
-    jobs = [(n, p, s) for n, (p, s) in enumerate(prompts) for _ in range(args.num_samples)]
     if args.ar:
         _, eos = special_ids(model, tok)
-        starts = [with_start(tok, tok.encode(p) if p else []) for _, p, _ in jobs]
-        tokens = ar_generate(model, starts, args.length, eos, args.batch_size, not args.no_progress)
-        settings = {"mode": "ar", "length": args.length, "decoding": "greedy"}
+        starts = sft[0] if sft else [with_start(tok, tok.encode(p) if p else []) for _, p, _ in jobs]
+        n = max(sft[1]) if sft else length
+        tokens = ar_generate(model, starts, n, eos, args.batch_size, not args.no_progress)
+        settings = {"mode": "ar", "length": n, "decoding": "greedy"}
     else:
-        requests = [
-            Request(with_start(tok, tok.encode(p)) if p else [], tok.encode(s) if s else []) for _, p, s in jobs
-        ]
+        if sft:
+            requests = [Request(st, length=n) for st, n in zip(sft[0], sft[1])]
+        else:
+            requests = [
+                Request(with_start(tok, tok.encode(p)) if p else [], tok.encode(s) if s else []) for _, p, s in jobs
+            ]
         tokens = diffusion_tokens(model, tok, requests, cfg, args, emit)
         settings = {"mode": "diffusion"} | dataclasses.asdict(cfg)
-    settings |= {"model": args.model, "tokenizer": tok.path}
+    if sft:
+        tokens = [cut_at(t[:n], sft[2]) for t, n in zip(tokens, sft[1])]
+    settings |= {"model": args.model, "tokenizer": tok.path, "sft": args.sft}
     records = [
         {"index": i, "prompt_index": n, "prompt": p, "suffix": s, "text": tok.decode(t), "tokens": t}
         for i, ((n, p, s), t) in enumerate(zip(jobs, tokens))

@@ -7,10 +7,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dlm.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from dlm.sft import SFTFormat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +71,20 @@ def train_state(path: str | Path) -> dict | None:
 
     p = Path(path)
     return None if _is_hf_folder(p) else json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
+
+
+def sft_layout(path: str | Path, tok: Tokenizer) -> SFTFormat | None:
+    """The `[BOS] prompt [SEP] response [EOS] [PAD]` layout (dlm.sft.SFTFormat) a fine-tuning run
+    trained with ([finetune] sep_id / pad_id, data.seq_len), so generation and evaluation prompt
+    the model as it learned; None for a pretraining run or a Hugging Face folder."""
+    from dlm.data.sft import sft_format
+
+    state = train_state(path)
+    cfg = (state or {}).get("train_config", {})
+    if cfg.get("train", {}).get("stage", "pretrain") == "pretrain":
+        return None
+    ft = cfg.get("finetune", {})
+    return sft_format(tok, cfg["data"]["seq_len"], ft.get("sep_id", -1), ft.get("pad_id", -1))
 
 
 def _tokenizer_candidates(path: Path) -> list[str]:

@@ -83,7 +83,7 @@ def test_scores_with_the_verifier_and_cuts_at_eos_or_pad(assets, monkeypatch, ta
         monkeypatch.setattr(runner, "ar_generate", lambda m, prompts, n, eos, *a: fake(prompts, [n] * len(prompts)))
     else:
         monkeypatch.setattr(
-            runner, "_diffusion_fill", lambda m, reqs, cfg, eos_fill: fake(*zip(*((r.prompt, r.length) for r in reqs)))
+            runner, "diffusion_fill", lambda m, reqs, cfg, eos_fill: fake(*zip(*((r.prompt, r.length) for r in reqs)))
         )
     model, _ = _model(tok.vocab_size)
     cfg = EvalConfig(ar=ar, sep_id=SEP, pad_id=PAD, seq_len=48, progress=False)
@@ -122,3 +122,28 @@ def test_cli_runs_a_real_model(assets, tmp_path, ar):
     for task in ("sudoku", "countdown"):
         r = res["tasks"][task]
         assert r["n"] == 6 and r["metric"] == "exact_match" and 0.0 <= r["value"] <= 1.0
+
+
+def test_generate_sft_layout(assets, tmp_path, capsys):
+    """launch/generate.py --sft: [BOS] prompt [SEP] fixed, answer cut at EOS/PAD; ids from the flags
+    for an exported folder (a fine-tuning run supplies its own)."""
+    root, tok = assets
+    model, cfg = _model(tok.vocab_size)
+    save_hf_model(model, cfg, tmp_path / "model", tokenizer_from=root / "tok")
+    spec = importlib.util.spec_from_file_location("launch_generate", REPO / "launch" / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parser().parse_args([str(tmp_path / "model"), "--sft", "--sep-id", "3", "--pad-id", "0"])
+    starts, lengths, stops = mod.sft_rows(args, model, tok, ["1.3.", "22"])
+    assert starts == [[1, *tok.encode("1.3."), 3], [1, *tok.encode("22"), 3]] and lengths == [64, 64]
+    assert stops == {tok.eos_id, 0}
+    assert mod.cut_at([7, 8, 0, 9, 2], stops) == [7, 8] and mod.cut_at([7, 2, 0], stops) == [7]
+    for extra in ([], ["--ar"]):
+        argv = [str(tmp_path / "model"), "--sft", "--sep-id", "3", "--pad-id", "0", "--prompt", "1.3.", "--length"]
+        assert mod.main([*argv, "12", "--out", "-", "--no-progress", *extra]) == 0
+        rec = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert rec["settings"]["sft"] and len(rec["tokens"]) <= 12 and not set(rec["tokens"]) & stops
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "model"), "--sep-id", "3"])  # --sep-id without --sft
+    with pytest.raises(ValueError, match="not a fine-tuning run"):
+        mod.main([str(tmp_path / "model"), "--sft", "--prompt", "1", "--no-progress"])
