@@ -98,7 +98,7 @@ class Checkpointer:
         and extras; the frozen base comes from model.init_from on every start)."""
         self.folder = folder
         self.keep_last = keep_last
-        self.options = StateDictOptions(ignore_frozen_params=trainable_only)
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
         self.rank = rank
         self.world_size = world_size
         if rank == 0:
