@@ -77,7 +77,8 @@ def read_prompts(args) -> list[tuple[str, str]]:
 
 def render(tok, ids: list[int], masked: list[bool]) -> str:
     """Committed runs decoded, each masked position shown as MASK_GLYPH."""
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for t, m in zip(ids, masked):
         if m:
             if run:

@@ -308,11 +308,11 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
         return [(str(p), text)]
     docs = []
     for where, rec in read_records(p):
-        text = rec.get("text")
-        if not isinstance(text, str):
+        body = rec.get("text")
+        if not isinstance(body, str):
             raise ValueError(f"{where}: expected a string 'text' field (fields: {sorted(rec)})")
-        if text:
-            docs.append((where, text))
+        if body:
+            docs.append((where, body))
     if not docs:
         raise ValueError(f"{p}: no non-empty 'text' records")
     return docs
@@ -370,12 +370,12 @@ def _heldout_text(model, tok, path: str, cfg: EvalConfig) -> tuple[list[dict], l
     for b0 in range(0, len(order), cfg.batch_size):
         chunk = order[b0 : b0 + cfg.batch_size]
         rows = [windows[i][3] for i in chunk]
-        ids, pos = pad_rows(rows, device=device)
-        maskable = torch.zeros_like(ids, dtype=torch.bool)
+        input_ids, pos = pad_rows(rows, device=device)
+        maskable = torch.zeros_like(input_ids, dtype=torch.bool)
         for b, row in enumerate(rows):
             maskable[b, : len(row)] = True
         batch = {
-            "input_ids": ids,
+            "input_ids": input_ids,
             "position_ids": pos,
             "sample_ids": torch.tensor(chunk, dtype=torch.long, device=device),  # noise keyed by window
             "maskable": maskable,
