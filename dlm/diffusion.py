@@ -28,9 +28,11 @@ __all__ = [
     "DiffusionConfig",
     "LossOutput",
     "NoisedBatch",
+    "crop",
     "crop_lengths",
     "diffusion_loss",
     "heldout_elbo",
+    "host_layout",
     "noise_batch",
     "sample_t",
 ]
@@ -157,6 +159,8 @@ class NoisedBatch:
     t: torch.Tensor  # [B] float32
     step: int
     cfg: DiffusionConfig
+    cu_seqlens: torch.Tensor | None = None  # precomputed on the host (host_layout), else derived
+    max_seqlen: int | None = None
 
     @property
     def n_eligible(self) -> torch.Tensor:
@@ -174,23 +178,45 @@ class NoisedBatch:
         return self.n_eligible if self.cfg.loss_norm == "eligible" else self.n_masked
 
     def layout(self, causal: bool = False, anneal: AnnealMask | None = None) -> AttentionLayout:
-        return AttentionLayout.from_position_ids(self.position_ids, causal=causal, anneal=anneal)
+        return AttentionLayout.from_position_ids(
+            self.position_ids, causal=causal, anneal=anneal, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen
+        )
+
+
+def crop(
+    position_ids: torch.Tensor, sample_ids: torch.Tensor, cfg: DiffusionConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-length crops: (position ids, tail [B, L] bool). A cropped tail becomes its own
+    padding segment (positions restart), so it is invisible to the kept prefix; it is never
+    masked nor scored. Idempotent."""
+    L = position_ids.shape[1]
+    cols = torch.arange(L, device=position_ids.device)
+    tail = cols >= crop_lengths(sample_ids, L, cfg).to(position_ids.device)[:, None]
+    return torch.where(tail, cols - (~tail).sum(1, keepdim=True), position_ids), tail
+
+
+def host_layout(batch: dict, cfg: DiffusionConfig) -> dict:
+    """`cu_seqlens` and `max_seqlen` of a micro-batch after its crops, for `noise_batch`.
+
+    The segment boundaries are data: deriving them on the GPU reads a value back (a host sync
+    per micro-batch). The trainer calls this on the host copy of the batch, where it is free."""
+    pos, _ = crop(batch["position_ids"], batch["sample_ids"], cfg)
+    layout = AttentionLayout.from_position_ids(pos)
+    return {"cu_seqlens": layout.cu_seqlens, "max_seqlen": layout.max_seqlen}
 
 
 def noise_batch(batch: dict, step: int, cfg: DiffusionConfig, global_batch_size: int) -> NoisedBatch:
-    """Crop, choose t and mask one micro-batch (keys: input_ids, position_ids, sample_ids, and
-    optionally maskable [B, L] bool for SFT)."""
+    """Crop, choose t and mask one micro-batch (keys: input_ids, position_ids, sample_ids,
+    optionally maskable [B, L] bool for SFT, and optionally the cropped layout's cu_seqlens and
+    max_seqlen from `host_layout`)."""
     ids, pos, sids, maskable = _check_batch(batch)
-    B, L = ids.shape
-    cols = torch.arange(L, device=ids.device)
-    tail = cols >= crop_lengths(sids, L, cfg).to(ids.device)[:, None]
-    # a cropped tail becomes its own padding segment (positions restart), so it is invisible to
-    # the kept prefix, and it is never masked nor scored
-    pos = torch.where(tail, cols - (~tail).sum(1, keepdim=True), pos)
+    pos, tail = crop(pos, sids, cfg)
     eligible = eligible_tokens(pos, maskable) & ~tail
     t = sample_t(sids, global_batch_size, step, cfg).to(ids.device)
     noisy, masked, weights = mask_tokens(ids, eligible, t, sids.to(ids.device), cfg.seed, cfg.mask_token_id)
-    return NoisedBatch(noisy, ids, masked, weights, eligible, pos, t, step, cfg)
+    return NoisedBatch(
+        noisy, ids, masked, weights, eligible, pos, t, step, cfg, batch.get("cu_seqlens"), batch.get("max_seqlen")
+    )
 
 
 @dataclass
@@ -222,12 +248,14 @@ def diffusion_loss(
     eligible (or masked) token has an ELBO sum of 0 and gets loss 0 instead of NaN."""
     cfg = noised.cfg
     anneal = AnnealMask.schedule(cfg.seed, noised.step if step is None else step, cfg.anneal_steps)
-    sel = _prediction_rows(noised.masked)
-    targets = noised.targets[:, 1:][noised.masked[:, 1:]]
-    row_weights = noised.weights[:, 1:][noised.masked[:, 1:]]
+    # masked tokens as flat indices (one read-back of the count per micro-batch); output i-1
+    # predicts token i, and column 0 is never masked, so the output rows are idx - 1
+    idx = noised.masked.reshape(-1).nonzero().squeeze(1)
+    targets = noised.targets.reshape(-1)[idx]
+    row_weights = noised.weights.reshape(-1)[idx]
 
     def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(hidden[sel], weight, targets, row_weights)
+        return masked_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx - 1], weight, targets, row_weights)
 
     elbo_sum = model(noised.noisy_ids, noised.layout(anneal=anneal), head=head)
     if isinstance(normalizer, torch.Tensor):

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from dlm.debug import debug_checks
+
 try:
     import triton
     import triton.language as tl
@@ -110,12 +112,19 @@ def _check_inputs(hidden, weight, targets, row_weights) -> None:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    # one host sync per call (the loss runs every micro-batch); the details only on failure
-    bad = (row_weights != 0) & ((targets < 0) | (targets >= weight.shape[0]))
+    if debug_checks():
+        _check_targets(targets, row_weights, weight.shape[0])
+
+
+def _check_targets(targets: torch.Tensor, row_weights: torch.Tensor, vocab_size: int) -> None:
+    """Target ids of weighted rows lie in the vocabulary. Reads a value back (one host sync per
+    call, every micro-batch), hence debug mode only; an out-of-range id otherwise reads out of
+    bounds in the Triton kernel or raises an indexing error in the PyTorch paths."""
+    bad = (row_weights != 0) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:5]
         raise ValueError(
-            f"targets of weighted rows must lie in [0, {weight.shape[0]}), got values "
+            f"targets of weighted rows must lie in [0, {vocab_size}), got values "
             f"{targets[rows].tolist()} at rows {rows.tolist()}"
         )
 

@@ -10,11 +10,10 @@ SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0 (SLURM 
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `torchrun launch/pretrain.py` from a source checkout
@@ -25,7 +24,8 @@ import torch.distributed as dist
 
 from dlm.atomic import atomic_write_text
 from dlm.data import DataState, PackedDataset, SourceSpec, StepLoader, check_resume
-from dlm.diffusion import DiffusionConfig, diffusion_loss, noise_batch
+from dlm.debug import set_debug
+from dlm.diffusion import DiffusionConfig
 from dlm.models import build_model
 from dlm.tokenizer import load_tokenizer
 from dlm.train.checkpoint import Checkpointer, export_checkpoint, resolve_checkpoint
@@ -33,8 +33,9 @@ from dlm.train.config import TrainConfig, check_world, load_config, save_config
 from dlm.train.log import logger, setup_logging
 from dlm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from dlm.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
-from dlm.train.parallelize import apply_ac, apply_compile, apply_fsdp, clip_grad_norm_, init_distributed, load_weights
-from dlm.train.weights import weight_source
+from dlm.train.parallelize import DistEnv, apply_ac, apply_compile, apply_fsdp, init_distributed, load_weights
+from dlm.train.step import DiffusionObjective, Objective, StepStats, read_stats, train_step
+from dlm.train.weights import WeightSource, weight_source
 
 
 class StopRequest:
@@ -48,8 +49,17 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def agreed(self, world_size: int) -> bool:
+        """Whether any rank was signalled: a host-side all-reduce (gloo for CPU tensors, also
+        in the NCCL process group), so the device is never waited for."""
+        if world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-def build_model_sharded(cfg: TrainConfig, env, source) -> torch.nn.Module:
+
+def build_model_sharded(cfg: TrainConfig, env: DistEnv, source: WeightSource) -> torch.nn.Module:
     with torch.device("meta"):
         model = build_model(source.config)
     apply_ac(model, cfg.parallel)
@@ -75,24 +85,44 @@ def sample_text(model, tok, cfg: TrainConfig, step: int, metrics: MetricsLogger)
     metrics.text(step, "samples", tok.decode(text + sample.tokens))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="TOML file (see launch/configs/)")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
+@dataclass
+class Trainer:
+    """Everything a run builds once, before its first step."""
 
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    dataset: PackedDataset
+    source: WeightSource
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ckpt: Checkpointer
+    n_micro: int
+
+
+@dataclass
+class Progress:
+    """Where the run stands: restored by `resume`, advanced by the loop, saved in checkpoints."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    consumed_samples: int = 0
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+    """Process group, run folder, data, model (sharded, weights loaded), optimizer, schedule."""
+    set_debug(cfg.train.debug)
     env = init_distributed(cfg.train.device)
     setup_logging(env.rank)
-    stop = StopRequest()
     run_dir = Path(cfg.train.run_dir)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.toml")
     n_micro = check_world(cfg, env.world_size)
-    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    L = cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
 
-    # ---- data, model, optimizer
     weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
     dataset = PackedDataset(
         [SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)],
@@ -120,138 +150,155 @@ def main(argv: list[str] | None = None) -> int:
         n_micro,
         cfg.train.micro_batch_size,
     )
-
-    # ---- resume
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
-    step, tokens_seen, consumed = 0, 0, 0
-    resume = (
-        None
-        if cfg.checkpoint.resume == "none"
-        else ckpt.latest()
-        if cfg.checkpoint.resume == "auto"
-        else resolve_checkpoint(cfg.checkpoint.resume)
-    )
-    if resume is None and ckpt.latest() is not None:
-        raise ValueError(
-            f"{run_dir} already holds checkpoints but checkpoint.resume = 'none': choose a new train.run_dir, or resume"
-        )
-    if resume is not None:
-        state = ckpt.load(resume, model, optimizer)
-        # the position in the schedule comes from the checkpoint, the hyperparameters from the config
-        scheduler.load_state_dict({**state["scheduler"], "base_lrs": scheduler.base_lrs})
-        apply_hyperparameters(optimizer, cfg.optim, state["step"], cfg.train.steps)
-        data_state = DataState.from_dict(state["data"])
-        check_resume(data_state, dataset, allow_changed=cfg.data.allow_changed_index)
-        step, tokens_seen, consumed = state["step"], state["tokens_seen"], data_state.consumed_samples
-        logger.info("resumed from %s at step %d (%d samples consumed)", resume, step, consumed)
+    return Trainer(cfg, env, run_dir, dataset, source, model, optimizer, scheduler, ckpt, n_micro)
+
+
+def resume(tr: Trainer) -> Progress:
+    """Restore model, optimizer, schedule position and data position from the checkpoint that
+    `checkpoint.resume` names ("auto": the newest complete one), or start fresh."""
+    cfg, ckpt = tr.cfg, tr.ckpt
+    if cfg.checkpoint.resume == "none":
+        if ckpt.latest() is not None:
+            raise ValueError(
+                f"{tr.run_dir} already holds checkpoints but checkpoint.resume = 'none': "
+                "choose a new train.run_dir, or resume"
+            )
+        return Progress()
+    path = ckpt.latest() if cfg.checkpoint.resume == "auto" else resolve_checkpoint(cfg.checkpoint.resume)
+    if path is None:
+        return Progress()
+    state = ckpt.load(path, tr.model, tr.optimizer)
+    # the position in the schedule comes from the checkpoint, the hyperparameters from the config
+    tr.scheduler.load_state_dict({**state["scheduler"], "base_lrs": tr.scheduler.base_lrs})
+    apply_hyperparameters(tr.optimizer, cfg.optim, state["step"], cfg.train.steps)
+    data_state = DataState.from_dict(state["data"])
+    check_resume(data_state, tr.dataset, allow_changed=cfg.data.allow_changed_index)
+    logger.info("resumed from %s at step %d (%d samples consumed)", path, state["step"], data_state.consumed_samples)
+    return Progress(state["step"], state["tokens_seen"], data_state.consumed_samples)
+
+
+def trainer_state(tr: Trainer, progress: Progress, loader: StepLoader) -> dict:
+    """What a checkpoint stores beside the model and optimizer."""
+    return {
+        "step": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "data": loader.state().to_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "model_config": tr.source.config.to_dict(),
+        "train_config": tr.cfg.to_dict(),
+        "tokenizer_from": tr.source.tokenizer_from,
+    }
+
+
+class StepLog:
+    """Steps whose numbers are still on the device. `flush` reads them back in one gather
+    (raising on a non-finite step) and writes one metrics record per step; step times are the
+    interval's average, measured after waiting for the device."""
+
+    def __init__(self, tr: Trainer, metrics: MetricsLogger):
+        self.tr, self.metrics = tr, metrics
+        self.pending: list[tuple[int, StepStats, float, int, int]] = []
+        self.t_start = time.perf_counter()
+        self.peak = peak_flops(tr.env.device, tr.cfg.metrics.peak_tflops)
+        self.flops_per_token = tr.model.flops_per_token(tr.cfg.data.seq_len)
+
+    def add(self, step: int, stats: StepStats, data_wait_s: float, progress: Progress) -> None:
+        self.pending.append((step, stats, data_wait_s, progress.tokens_seen, progress.consumed_samples))
+
+    def flush(self) -> None:
+        env, cfg = self.tr.env, self.tr.cfg
+        values = read_stats([(s, st) for s, st, *_ in self.pending], env.world_size, env.rank)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        now = time.perf_counter()
+        dt = (now - self.t_start) / max(len(self.pending), 1)
+        tps = cfg.train.global_batch_size * cfg.data.seq_len / dt / env.world_size
+        for (step, _, data_wait_s, tokens_seen, consumed), v in zip(self.pending, values):
+            self.metrics.log(
+                step,
+                {
+                    **v,
+                    "tokens_per_s_per_device": tps,
+                    "mfu": None if self.peak is None else tps * self.flops_per_token / self.peak,
+                    "step_time_s": dt,
+                    "data_wait_s": data_wait_s,
+                    "peak_memory_gib": peak_memory_gib(env.device),
+                    "tokens_seen": tokens_seen,
+                    "consumed_samples": consumed,
+                },
+            )
+        self.pending.clear()
+        self.t_start = now
+
+
+def train(tr: Trainer, progress: Progress, objective: Objective) -> Progress:
+    """The loop: steps until train.steps or a stop signal, checkpoints on the interval, at the
+    end and on a signal. Reads from the device only on log, sample and checkpoint steps."""
+    cfg, env = tr.cfg, tr.env
+    stop = StopRequest()
     loader = StepLoader(
-        dataset,
-        G,
+        tr.dataset,
+        cfg.train.global_batch_size,
         cfg.train.micro_batch_size,
         env.rank,
         env.world_size,
-        consumed_samples=consumed,
+        consumed_samples=progress.consumed_samples,
         num_workers=cfg.data.num_workers,
+        pin_memory=env.device.type == "cuda",
     )
-    dcfg = DiffusionConfig(mask_token_id=mcfg.mask_token_id, **asdict(cfg.diffusion))
-
-    def trainer_state() -> dict:
-        return {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "data": loader.state().to_dict(),
-            "scheduler": scheduler.state_dict(),
-            "model_config": mcfg.to_dict(),
-            "train_config": cfg.to_dict(),
-            "tokenizer_from": source.tokenizer_from,
-        }
-
-    metrics = MetricsLogger(run_dir, env.rank, step, cfg.metrics.log_every, cfg.metrics.tensorboard)
-    peak = peak_flops(env.device, cfg.metrics.peak_tflops)
+    metrics = MetricsLogger(tr.run_dir, env.rank, progress.step, cfg.metrics.log_every, cfg.metrics.tensorboard)
+    log = StepLog(tr, metrics)
     sample_tok = load_tokenizer(cfg.metrics.sample_tokenizer) if cfg.metrics.sample_every else None
-    flops_per_token = model.flops_per_token(L)
     batches = iter(loader)
-
-    # ---- the loop
-    while step < cfg.train.steps:
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    while progress.step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro_batches = next(batches)
-        t_data = time.perf_counter() - t0
-        model.train()
-        noised = [noise_batch({k: v.to(env.device) for k, v in mb.items()}, step, dcfg, G) for mb in micro_batches]
-        # normaliser: loss-eligible (or masked) tokens of the whole global batch
-        counts = torch.stack([sum(nb.norm_count for nb in noised), sum(nb.n_eligible for nb in noised)]).double()
-        dist.all_reduce(counts)
-        normalizer = counts[0].float()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        elbo_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        for j, nb in enumerate(noised):
-            model.set_requires_gradient_sync(j == n_micro - 1)  # reduce-scatter once per step
-            out = diffusion_loss(model, nb, normalizer, step=step)
-            out.loss.backward()
-            loss_sum += out.loss.detach().double()
-            elbo_sum += out.elbo_sum.double()
-        grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
+        micro = [objective.to_device(mb, env.device) for mb in next(batches)]
+        data_wait_s = time.perf_counter() - t0
+        stats = train_step(tr.model, tr.optimizer, tr.scheduler, objective, micro, progress.step, cfg.optim.grad_clip)
+        progress.step += 1
+        progress.tokens_seen += tokens_per_step
+        progress.consumed_samples = loader.consumed_samples
+        step = progress.step
+        log.add(step, stats, data_wait_s, progress)
 
-        # one gather: per-rank loss (to name the rank that went non-finite), ELBO, stop requests
-        mine = torch.stack(
-            [loss_sum, elbo_sum, torch.tensor(float(stop.signal is not None), dtype=torch.float64, device=env.device)]
-        )
-        every = [torch.empty_like(mine) for _ in range(env.world_size)]
-        dist.all_gather(every, mine)
-        every = torch.stack(every).cpu()
-        grad_norm = grad_norm.item()
-        bad = [r for r in range(env.world_size) if not torch.isfinite(every[r, :2]).all()]
-        if bad:
-            raise FloatingPointError(f"non-finite loss at step {step + 1} on rank(s) {bad} (this is rank {env.rank})")
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {step + 1} (rank {env.rank})")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += G * L
-
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        dt = time.perf_counter() - t0
-        tps = G * L / dt / env.world_size
-        n_el = max(counts[1].item(), 1.0)
-        metrics.log(
-            step,
-            {
-                "loss": every[:, 0].sum().item(),
-                "elbo": every[:, 1].sum().item() / n_el,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s_per_device": tps,
-                "mfu": None if peak is None else tps * flops_per_token / peak,
-                "step_time_s": dt,
-                "data_wait_s": t_data,
-                "peak_memory_gib": peak_memory_gib(env.device),
-                "tokens_seen": tokens_seen,
-                "consumed_samples": loader.state().consumed_samples,
-            },
-        )
-        if cfg.metrics.sample_every and step % cfg.metrics.sample_every == 0:
-            sample_text(model, sample_tok, cfg, step, metrics)
-
-        stopping = bool(every[:, 2].any())
+        stopping = stop.agreed(env.world_size)
         interval = cfg.checkpoint.interval
-        if stopping or step == cfg.train.steps or (interval and step % interval == 0):
-            ckpt.save(step, model, optimizer, trainer_state())
+        saving = stopping or step == cfg.train.steps or bool(interval and step % interval == 0)
+        if saving or step == 1 or step % cfg.metrics.log_every == 0:
+            log.flush()  # before a checkpoint: a non-finite step must fail the run, not be saved
+        if cfg.metrics.sample_every and step % cfg.metrics.sample_every == 0:
+            sample_text(tr.model, sample_tok, cfg, step, metrics)
+        if saving:
+            tr.ckpt.save(step, tr.model, tr.optimizer, trainer_state(tr, progress, loader))
         if stopping:
             logger.info("stop requested by signal: checkpoint at step %d written, exiting", step)
             break
-
     metrics.close()
-    if step == cfg.train.steps:
-        if env.rank == 0:
-            if cfg.checkpoint.export_at_end:
-                logger.info("exported %s", export_checkpoint(ckpt.latest(), run_dir / "export"))
-            atomic_write_text(run_dir / "DONE", f"step {step}\n")  # tells the SLURM script not to requeue
+    return progress
+
+
+def finish(tr: Trainer, progress: Progress) -> None:
+    """After the last step: the export and the DONE marker (the SLURM script does not requeue)."""
+    if progress.step == tr.cfg.train.steps:
+        if tr.env.rank == 0:
+            if tr.cfg.checkpoint.export_at_end:
+                logger.info("exported %s", export_checkpoint(tr.ckpt.latest(), tr.run_dir / "export"))
+            atomic_write_text(tr.run_dir / "DONE", f"step {progress.step}\n")
         dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="TOML file (see launch/configs/)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    tr = setup(cfg)
+    progress = resume(tr)
+    dcfg = DiffusionConfig(mask_token_id=tr.source.config.mask_token_id, **asdict(cfg.diffusion))
+    progress = train(tr, progress, DiffusionObjective(dcfg, cfg.train.global_batch_size))
+    finish(tr, progress)
     dist.destroy_process_group()
     return 0
 

@@ -1,7 +1,10 @@
 """How the tokens of a packed batch may attend to each other.
 
 Everything derives from per-token position ids that restart at 0 at every document start,
-so a collated batch needs no extra structure; `cu_seqlens` is precomputed for varlen kernels.
+so a collated batch needs no extra structure. `cu_seqlens` (for the varlen kernels) and
+`max_seqlen` are derived from them unless given: deriving them reads a value back from the
+device, so the trainer computes them on the host (`dlm.diffusion.host_layout`) and passes them
+in; in debug mode (`dlm.debug`) a given `cu_seqlens` is checked against the position ids.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from dlm.debug import debug_checks
 
 _MASK32 = 0xFFFFFFFF
 # odd multipliers below 2**31 so that products of 32-bit values never overflow int64
@@ -64,6 +69,12 @@ class AnnealMask:
         return AnnealMask(seed=seed, step=step, p=(step + 1) / anneal_steps)
 
 
+def _cu_seqlens(starts: torch.Tensor) -> torch.Tensor:
+    """[S+1] int32 segment boundaries over the flattened tokens of a [B, L] start mask."""
+    flat = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+    return torch.cat([flat, flat.new_tensor([starts.numel()])]).to(torch.int32)
+
+
 @dataclass
 class AttentionLayout:
     """Attention structure of a [B, L] batch.
@@ -99,9 +110,13 @@ class AttentionLayout:
         starts[:, 0] = True
         doc_ids = starts.long().cumsum(dim=1) - 1
         if cu_seqlens is None:
-            B, L = position_ids.shape
-            flat = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
-            cu_seqlens = torch.cat([flat, flat.new_tensor([B * L])]).to(torch.int32)
+            cu_seqlens = _cu_seqlens(starts)
+        elif debug_checks():
+            derived = _cu_seqlens(starts).to(cu_seqlens.device)
+            if not torch.equal(torch.unique_consecutive(cu_seqlens.to(torch.int32)), derived):
+                raise ValueError(
+                    f"cu_seqlens {cu_seqlens.tolist()} do not match the position ids' segments {derived.tolist()}"
+                )
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
         return AttentionLayout(position_ids, doc_ids, cu_seqlens, max_seqlen, causal, anneal)

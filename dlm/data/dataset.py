@@ -1,10 +1,10 @@
-"""`PackedDataset`: global sample id -> one packed window of L+1 tokens, with document structure.
+"""`PackedDataset`: global sample id -> one packed window of L tokens, with document structure.
 
-Window w of a source starts at token w*L of its split region, so consecutive windows share one
-token (the last label of w is the first input of w+1) and no token is dropped. input_ids =
-window[:L], labels = window[1:]. Position ids restart at 0 at every document start and at index 0
-(a document cut by the window start is its own segment); `cu_seqlens` [L+1] lists the segment
-boundaries padded by repeating L, so collated shapes never change.
+Window w of a source is tokens [w*L, (w+1)*L) of its split region (input_ids; the objective
+shifts inside the window). A source holds (n - 1) // L windows: the count, and so every
+sample's window, is that of the original format, whose windows also carried the next token.
+Position ids restart at 0 at every document start and at index 0 (a document cut by the window
+start is its own segment); they carry the whole document structure (`AttentionLayout`).
 
 Train windows are visited in a fresh seeded permutation each epoch of their source; held-out
 windows (the tail of each source, cut at a document start) are read in order. Sources are
@@ -178,35 +178,30 @@ class PackedDataset(torch.utils.data.Dataset):
         return s, window, self._sources[s].lo + window * self.seq_len
 
     def read(self, k: int, tokens: np.ndarray) -> np.ndarray:
-        """Sample k's L+1 tokens into `tokens`; returns the document starts inside its first L
-        tokens (excluding index 0), relative to the window."""
+        """Sample k's L tokens into `tokens`; returns the document starts inside them
+        (excluding index 0), relative to the window."""
         L = self.seq_len
         s, _, start = self.locate(k)
         src = self._sources[s]
-        src.read(start, L + 1, tokens)
+        src.read(start, L, tokens)
         return src.doc_boundaries(start, start + L)
 
     def batch(self, ids) -> dict[str, torch.Tensor]:
-        """Samples `ids` collated: input_ids, labels, position_ids [b, L] int64, cu_seqlens [b, L+1]
-        int32, sample_ids [b] int64. Per row: one token read and one index lookup; the document
-        structure of all rows is then built with whole-batch array operations."""
+        """Samples `ids` collated: input_ids, position_ids [b, L] int64, sample_ids [b] int64.
+        Per row: one token read and one index lookup; the position ids of all rows are then
+        built with whole-batch array operations."""
         ids = [int(k) for k in ids]
         L, b = self.seq_len, len(ids)
-        tokens = np.empty((b, L + 1), dtype=self._sources[0].index.dtype)
+        tokens = np.empty((b, L), dtype=self._sources[0].index.dtype)
         rels = [self.read(k, tokens[row]) for row, k in enumerate(ids)]
         counts = np.fromiter(map(len, rels), dtype=np.int64, count=b)
         rel = np.concatenate(rels) if b else np.empty(0, np.int64)
         row = np.repeat(np.arange(b), counts)
         starts = np.sort(np.concatenate([np.arange(b, dtype=np.int64) * L, row * L + rel]))  # flat segment starts
         pos = np.arange(b * L, dtype=np.int64) - np.repeat(starts, np.diff(starts, append=b * L))
-        cu = np.full((b, L + 1), L, dtype=np.int32)
-        cu[:, 0] = 0
-        cu[row, 1 + np.arange(len(rel)) - np.repeat(np.cumsum(counts) - counts, counts)] = rel
-        return {  # separate buffers: a consumer may edit input_ids in place (masking)
-            "input_ids": torch.from_numpy(tokens[:, :L].astype(np.int64)),
-            "labels": torch.from_numpy(tokens[:, 1:].astype(np.int64)),
+        return {
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
             "position_ids": torch.from_numpy(pos.reshape(b, L)),
-            "cu_seqlens": torch.from_numpy(cu),
             "sample_ids": torch.tensor(ids, dtype=torch.int64),
         }
 

@@ -126,10 +126,11 @@ def test_auto_is_torch_on_cpu_and_chunk_budget():
     assert chunk_rows_for(10**9, torch.float32, 1) == 1
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named(monkeypatch):
     hidden, weight, targets, row_weights = make_inputs(6, 8, 64, torch.float32)
     bad = targets.clone()
     bad[1] = 64  # row 1 has nonzero weight
+    monkeypatch.setattr("dlm.debug._enabled", True)  # value checks read tensors back: debug mode only
     with pytest.raises(
         ValueError, match=r"targets of weighted rows must lie in \[0, 64\), got values \[64\] at rows \[1\]"
     ):
