@@ -12,8 +12,9 @@ held-out split the trainer reserved). countdown / sudoku (`python -m data_tools.
 scored after SFT in its layout: [BOS] prompt [SEP] fixed, the rest of a --seq-len row generated,
 cut at EOS / --pad-id, checked by exact verifiers (exact_match = solved).
 
-Each task's line is printed (and --out rewritten, "complete": false until the last task) as soon
-as the task finishes. The results JSON: {"format", "mode", "model", "tokenizer", "settings",
+Each task's line is printed as soon as the task finishes, and the results so far are written to
+OUT.partial ("complete": false); OUT itself is written once every task is done. The results
+JSON: {"format", "mode", "model", "tokenizer", "settings",
 "complete", "tasks": {NAME: {"task", "path", "n", "metric", "value", "stderr", "seconds", ...}}};
 multiple-choice tasks add "acc_norm" (lm-eval's: per character of the choice) and "acc_bytes"
 (per UTF-8 byte) with their stderrs; held-out adds "ppl_bound" and "tokens". --samples writes one
@@ -95,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=None, help="held-out row length (default: the training run's, else 1024)"
     )
     ap.add_argument("--heldout-fraction", type=float, default=0.001, help="must match the training data split")
-    ap.add_argument("--out", help="results JSON path (rewritten as each task finishes)")
-    ap.add_argument("--samples", help="per-sample JSON lines path (rewritten as each task finishes)")
+    ap.add_argument("--out", help="results JSON path (OUT.partial while running)")
+    ap.add_argument("--samples", help="per-sample JSON lines path (PATH.partial while running)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--no-progress", action="store_true")
@@ -139,16 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": str(args.model), "tokenizer": tok.path, "device": args.device, "dtype": args.dtype}
     sample_lines: list[str] = []
 
+    def write(path: str, text: str, done: bool) -> None:
+        """Results so far go to PATH.partial; PATH itself appears only once every task is done."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(f"{path}.partial")
+        if done:
+            atomic_write_text(path, text)
+            partial.unlink(missing_ok=True)
+        else:
+            atomic_write_text(partial, text)
+
     def on_task(results: dict, key: str, samples: list[dict]) -> None:
         print(task_line(key, results["tasks"][key]), flush=True)
+        done = results["complete"]
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+            write(args.out, json.dumps(results, indent=2) + "\n", done)
         if args.samples:
             head = {"format": SAMPLES_FORMAT, "mode": results["mode"], "model": results["model"]}
             sample_lines.extend(json.dumps(head | {"key": key} | s) + "\n" for s in samples)
-            Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.samples, "".join(sample_lines))
+            write(args.samples, "".join(sample_lines), done)
 
     results = evaluate(model, tok, tasks, cfg, meta=meta, on_task=on_task)
     if args.out:

@@ -70,11 +70,13 @@ def test_each_task_is_reported_and_written_when_it_finishes(hf_folder, tmp_path,
         ev.main(args + ["--no-progress", "--out", str(out), "--samples", str(samples)])
     printed = capsys.readouterr().out
     assert re.search(r"^piqa +n=3 +acc \d\.\d{4}", printed, re.M), printed
-    partial = json.loads(out.read_text())
+    assert not out.exists() and not samples.exists()  # nothing that looks complete
+    partial = json.loads(Path(f"{out}.partial").read_text())
     assert partial["complete"] is False and list(partial["tasks"]) == ["piqa"]
-    assert [json.loads(x)["index"] for x in samples.read_text().splitlines()] == [0, 1, 2]
-    ev.main(args[:3] + ["--num-samples", "2", "--no-progress", "--out", str(out)])
-    assert json.loads(out.read_text())["complete"] is True
+    assert [json.loads(x)["index"] for x in Path(f"{samples}.partial").read_text().splitlines()] == [0, 1, 2]
+    ev.main(args[:3] + ["--num-samples", "2", "--no-progress", "--out", str(out), "--samples", str(samples)])
+    assert json.loads(out.read_text())["complete"] is True and not Path(f"{out}.partial").exists()
+    assert len(samples.read_text().splitlines()) == 3 and not Path(f"{samples}.partial").exists()
 
 
 # --- issue 16 item 2: AR rows batched by length, order restored, tokens/s, a bar over items
