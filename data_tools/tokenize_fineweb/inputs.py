@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import json
+import json.decoder
+import json.scanner
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -115,21 +117,52 @@ def _zst_blocks(f, path: Path) -> Iterator[bytes]:
         raise InputError(f"{path}: truncated zstd stream (0 bytes: not even one frame)")
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def _line_chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes in chunks of whole lines (~1 MB each, the newline after the last line of
+    a chunk dropped), so that a chunk can be decoded and split in one call each."""
     with open(path, "rb") as f:
         blocks = _zst_blocks(f, path) if path.name.lower().endswith(".zst") else iter(lambda: f.read(1 << 20), b"")
         rest = b""
         for block in blocks:
-            parts = (rest + block).split(b"\n")
-            rest = parts.pop()
-            yield from parts
+            data = rest + block
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            yield data[:cut]
+            rest = data[cut + 1 :]
         if rest:
             yield rest
 
 
+# json.loads' own C scanners, called without its wrapper and regexes (typeshed omits them)
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\r"  # with the newline, all JSON allows between tokens
+
+
+def _lone_surrogate(text: str, line: str) -> bool:
+    """A `\\ud83d` escape decodes to a lone surrogate: valid JSON, but no UTF-8 encoding exists.
+    Only escapes can produce one (the UTF-8 decoder rejects encoded surrogates)."""
+    if text.isascii() or ("\\ud" not in line and "\\uD" not in line):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class _Reader:
+    """Yields each file's documents as lists (one per ~1 MB chunk or parquet batch): the per-record
+    work of the usual well-formed record is kept to a minimum, because it competes with the
+    tokenizer for the same core; anything unusual goes through the full, per-record checks."""
+
     def __init__(self, path: Path, cfg: ReadConfig, counts: ReadCounts):
         self.path, self.cfg, self.counts = path, cfg, counts
+        key = json.dumps(cfg.text_field)
+        self.prefixes = ("{" + key + ': "', "{" + key + ':"')  # the text field first, as SlimPajama writes it
+        self.filtering = bool(cfg.include_sets or cfg.exclude_sets)
 
     def bad(self, record: str, reason: str, detail: str) -> None:
         if self.cfg.on_bad_record == "skip":
@@ -159,47 +192,93 @@ class _Reader:
             self.bad(record, "empty", "empty document")
         return None
 
-    def jsonl(self) -> Iterator[str]:
+    def keep_set(self, name: str) -> bool:
         cfg = self.cfg
-        for n, raw in enumerate(_lines(self.path), start=1):
-            record = f"line {n}"
+        return (not cfg.include_sets or name in cfg.include_sets) and name not in cfg.exclude_sets
+
+    def fast_line(self, line: str) -> str | None:
+        """The text of a line `{"text": "...", ...}` that will be kept, decoding only that string
+        and the small rest of the object; None sends the line to `line` (full parse and checks)."""
+        for prefix in self.prefixes:
+            if line.startswith(prefix):
+                break
+        else:
+            return None
+        try:
+            text, end = _scan_string(line, len(prefix))
+            tail = line[end:].lstrip(_JSON_SPACE)
+            if tail[:1] == "}":
+                rest: dict = {}
+                end = 1
+            elif tail[:1] == "," and tail[1:].lstrip(_JSON_SPACE)[:1] == '"':  # `,}` is no JSON
+                tail = "{" + tail[1:]
+                rest, end = _scan_json(tail, 0)
+            else:
+                return None
+        except (ValueError, StopIteration):
+            return None
+        if not text or tail[end:].strip(_JSON_SPACE) or self.cfg.text_field in rest:
+            return None
+        if self.filtering:
+            meta = rest.get("meta")
+            name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+            if not isinstance(name, str) or not self.keep_set(name):
+                return None
+        return None if _lone_surrogate(text, line) else text
+
+    def line(self, record: str, line: str | bytes) -> str | None:
+        """One JSON line, fully parsed and checked; None when blank, filtered or skipped."""
+        if isinstance(line, bytes):
             try:
-                line = raw.decode("utf-8")
+                line = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 self.bad(record, "non_utf8", f"line is not valid UTF-8 ({e})")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if line.isspace() or not line:  # checked only here: no cost for the usual line
-                    self.counts.blank_lines += 1
-                else:
-                    self.bad(record, "invalid_json", f"invalid JSON ({e})")
-                continue
-            if not isinstance(obj, dict):
-                self.bad(record, "invalid_json", f"a JSON {type(obj).__name__}, not an object")
-                continue
-            if cfg.include_sets or cfg.exclude_sets:
-                meta = obj.get("meta")
-                name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-                if not isinstance(name, str):
-                    self.bad(
-                        record, "missing_set_name", "set-name filters given but meta.redpajama_set_name is missing"
-                    )
-                    continue
-                if (cfg.include_sets and name not in cfg.include_sets) or name in cfg.exclude_sets:
-                    self.counts.filtered += 1
-                    continue
-            text = self.text(record, obj.get(cfg.text_field))
-            if text is None:
-                continue
-            # a `\ud83d` escape decodes to a lone surrogate, valid JSON but not encodable as UTF-8
-            if (b"\\ud" in raw or b"\\uD" in raw) and not _utf8_encodable(text):
-                self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
-                continue
-            yield text
+                return None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if line.isspace() or not line:
+                self.counts.blank_lines += 1
+            else:
+                self.bad(record, "invalid_json", f"invalid JSON ({e})")
+            return None
+        if not isinstance(obj, dict):
+            self.bad(record, "invalid_json", f"a JSON {type(obj).__name__}, not an object")
+            return None
+        if self.filtering:
+            meta = obj.get("meta")
+            name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+            if not isinstance(name, str):
+                self.bad(record, "missing_set_name", "set-name filters given but meta.redpajama_set_name is missing")
+                return None
+            if not self.keep_set(name):
+                self.counts.filtered += 1
+                return None
+        text = self.text(record, obj.get(self.cfg.text_field))
+        if text is not None and _lone_surrogate(text, line):
+            self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
+            return None
+        return text
 
-    def parquet(self) -> Iterator[str]:
+    def jsonl(self) -> Iterator[list[str]]:
+        n = 0
+        for chunk in _line_chunks(self.path):
+            lines: list[str] | list[bytes]
+            try:
+                lines = chunk.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                lines = chunk.split(b"\n")  # `line` names the offending line(s)
+            docs = []
+            for line in lines:
+                n += 1
+                text = self.fast_line(line) if isinstance(line, str) else None
+                if text is None:
+                    text = self.line(f"line {n}", line)
+                if text is not None:
+                    docs.append(text)
+            yield docs
+
+    def parquet(self) -> Iterator[list[str]]:
         pf = pq.ParquetFile(self.path)
         names = pf.schema_arrow.names
         if self.cfg.text_field not in names:
@@ -209,29 +288,25 @@ class _Reader:
             col = batch.column(0)
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 col = col.cast(pa.large_binary())  # zero-copy; UTF-8 is checked per record below
-            for value in col.to_pylist():
-                row += 1
-                text = self.text(f"row {row}", value)
-                if text is not None:
-                    yield text
+            values = col.to_pylist()
+            try:
+                docs = [v.decode("utf-8") for v in values]
+            except (AttributeError, UnicodeDecodeError):  # a null, a non-string or bad UTF-8
+                docs = []
+            if len(docs) < len(values) or not all(docs):
+                docs = [t for i, v in enumerate(values, row + 1) if (t := self.text(f"row {i}", v)) is not None]
+            row += len(values)
+            yield docs
 
-    def plain(self) -> Iterator[str]:
+    def plain(self) -> Iterator[list[str]]:
         text = self.text("file", self.path.read_bytes())
         if text is not None:
-            yield text
+            yield [text]
 
 
-def _utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_documents(path: Path, cfg: ReadConfig, counts: ReadCounts) -> Iterator[str]:
-    """Yield the documents of one input file in file order; a file that yields none is listed in
-    `counts.empty_inputs`."""
+def read_documents(path: Path, cfg: ReadConfig, counts: ReadCounts) -> Iterator[list[str]]:
+    """Yield the documents of one input file in file order, as lists of documents; a file that
+    yields none is listed in `counts.empty_inputs`."""
     path = Path(path)
     kind = input_kind(path.name)
     reader = _Reader(path, cfg, counts)
@@ -240,9 +315,10 @@ def read_documents(path: Path, cfg: ReadConfig, counts: ReadCounts) -> Iterator[
         raise InputError(f"{path}: unknown input kind")
     empty = True
     try:
-        for text in readers[kind]():
-            empty = False
-            yield text
+        for docs in readers[kind]():
+            if docs:
+                empty = False
+                yield docs
     except InputError:
         raise
     except (OSError, pa.ArrowException) as e:

@@ -20,6 +20,7 @@ import queue as queue_mod
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,19 @@ def _tokenizer(plan: dict):
     return _WORKER["tokenizer"]
 
 
+def _encode_batches(docs: list[str]) -> Iterator[list[str]]:
+    """Slices of at most ENCODE_DOCS documents and, past their first, ENCODE_CHARS characters:
+    bounds the Python token lists held at once. Tokens never depend on how documents are batched."""
+    start = chars = 0
+    for i, text in enumerate(docs):
+        if i > start and (i - start >= ENCODE_DOCS or chars + len(text) > ENCODE_CHARS):
+            yield docs[start:i]
+            start, chars = i, 0
+        chars += len(text)
+    if start < len(docs):
+        yield docs[start:]
+
+
 def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[int]) -> tuple[np.ndarray, np.ndarray]:
     ids = tok.encode_batch(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + (len(bos) + len(eos))
@@ -120,19 +134,13 @@ def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
     writer = ShardWriter(shard_path(store, unit), store_schema(dtype, facts), plan["batch_tokens"])
     try:
         for path in spec["files"]:
-            texts: list[str] = []
-            chars = 0
-            for text in itertools.chain(read_documents(Path(path), cfg, counts), [None]):
-                if text is not None:
-                    texts.append(text)
-                    chars += len(text)
-                if texts and (text is None or len(texts) >= ENCODE_DOCS or chars >= ENCODE_CHARS):
+            for chunk in read_documents(Path(path), cfg, counts):
+                for texts in _encode_batches(chunk):
                     flat, lengths = _encode(tok, texts, dtype, bos, eos)
                     writer.add(flat, lengths)
                     docs += len(texts)
                     tokens += len(flat)
-                    in_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                    texts, chars = [], 0
+                    in_bytes += sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
                     report()
         writer.commit()
     except BaseException:

@@ -169,3 +169,50 @@ def test_sbatch_script_runs_without_slurm(tmp_path, corpus_dir, spm_path):
         ["bash", str(REPO / "data_tools/slurm/tokenize.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 1 and "--array=0-1" in proc.stderr
+
+
+JSON_LINES_OK = [  # each a valid record: the reader must agree with json.loads
+    '{"text": "plain"}',
+    '{"text":"compact", "meta": {"redpajama_set_name": "A"}}',
+    '{"text": "esc \\" \\\\ \\n \\t \\u00e9 \\ud83d\\ude00 caf\u00e9", "meta": {"x": [1, 2.5, null, true]}}',
+    '{"text": "trailing space"}   \r',
+    '{"meta": {"redpajama_set_name": "B"}, "text": "text not first"}',
+    '{"text": "dup first", "text": "dup last wins"}',
+    '  {"text": "leading space"}',
+    '{"id": 7, "text": "after id", "score": NaN}',
+    '{"text": "nested", "meta": {"redpajama_set_name": "A", "deep": {"a": {"b": []}}}}',
+]
+JSON_LINES_BAD = [  # invalid JSON: never accepted by the fast path either
+    '{"text": "a"} x',
+    '{"text": "a",}',
+    '{"text": "a", "meta": {"b": 1}',
+    '{"text": "a"\u00a0}',
+    '{"text": "raw\tcontrol"}',
+    '{"text": "a", "meta": {"redpajama_set_name": "A"}}}',
+]
+
+
+def test_json_lines_reader_agrees_with_json_loads(tmp_path):
+    from data_tools.tokenize_fineweb.inputs import InputError, ReadConfig, ReadCounts, read_documents
+
+    path = tmp_path / "ok.jsonl"
+    path.write_text("\n".join(JSON_LINES_OK) + "\n", encoding="utf-8")
+    got = [t for chunk in read_documents(path, ReadConfig(), ReadCounts()) for t in chunk]
+    assert got == [json.loads(line)["text"] for line in JSON_LINES_OK]
+    counts = ReadCounts()
+    cfg = ReadConfig(include_sets=["A", "B"], exclude_sets=["B"])
+    path.write_text("\n".join(JSON_LINES_OK[i] for i in (1, 4, 8)), encoding="utf-8")
+    got = [t for chunk in read_documents(path, cfg, counts) for t in chunk]
+    assert got == ["compact", "nested"] and counts.filtered == 1
+    for bad in JSON_LINES_BAD:
+        path.write_text('{"text": "fine"}\n' + bad + "\n", encoding="utf-8")
+        try:
+            json.loads(bad)
+            raise AssertionError(f"oracle accepts {bad!r}")
+        except json.JSONDecodeError:
+            pass
+        try:
+            list(read_documents(path, ReadConfig(), ReadCounts()))
+            raise AssertionError(f"reader accepted {bad!r}")
+        except InputError as e:
+            assert "line 2: invalid JSON" in str(e), e
