@@ -3,6 +3,10 @@
     torchrun --nproc_per_node 8 launch/pretrain.py --config launch/configs/diffullama_7b.toml
     torchrun --nproc_per_node 2 launch/pretrain.py --config launch/configs/tiny_cpu.toml --optim.lr 1e-3
 
+Fine-tuning runs through the same loop: train.stage = "sft" (diffusion SFT) or "ar_sft" (the
+AR baseline) reads [finetune] records instead of data.paths; lora.rank > 0 trains LoRA adapters
+(launch/configs/tiny_sft_cpu.toml, diffugpt_m_gsm8k.toml, diffullama_lora_gsm8k.toml).
+
 Run it again with the same run folder and it resumes from the newest complete checkpoint.
 SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0 (SLURM requeue).
 """
@@ -24,9 +28,12 @@ import torch.distributed as dist
 
 from dlm.atomic import atomic_write_text
 from dlm.data import DataState, PackedDataset, SourceSpec, StepLoader, check_resume
+from dlm.data.sft import SFTDataset, load_sft_dataset
 from dlm.debug import set_debug
 from dlm.diffusion import DiffusionConfig
+from dlm.lora import LoRAConfig, apply_lora, with_lora_init
 from dlm.models import build_model
+from dlm.sft import ARObjective
 from dlm.tokenizer import load_tokenizer
 from dlm.train.checkpoint import Checkpointer, export_checkpoint, resolve_checkpoint
 from dlm.train.config import TrainConfig, check_world, load_config, save_config
@@ -62,13 +69,23 @@ class StopRequest:
 def build_model_sharded(cfg: TrainConfig, env: DistEnv, source: WeightSource) -> torch.nn.Module:
     with torch.device("meta"):
         model = build_model(source.config)
+    tensor = source.tensor
+    if cfg.lora.rank:  # before sharding: the frozen base is sharded like any weight
+        trainable = apply_lora(model, LoRAConfig(**asdict(cfg.lora), seed=cfg.train.seed))
+        tensor = with_lora_init(model, source.tensor, cfg.train.seed)
+        logger.info("LoRA: %d trainable tensors, %.2fM parameters", len(trainable), _numel(model, trainable) / 1e6)
     apply_ac(model, cfg.parallel)
     if cfg.parallel.compile:
         apply_compile(model)
     apply_fsdp(model, env.mesh, cfg.parallel, env.device)
     model.to_empty(device=env.device)
-    load_weights(model, source.tensor)
+    load_weights(model, tensor)
     return model
+
+
+def _numel(model: torch.nn.Module, names: list[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
 
 
 def sample_text(model, tok, cfg: TrainConfig, step: int, metrics: MetricsLogger) -> None:
@@ -92,7 +109,7 @@ class Trainer:
     cfg: TrainConfig
     env: DistEnv
     run_dir: Path
-    dataset: PackedDataset
+    dataset: PackedDataset | SFTDataset
     source: WeightSource
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -123,13 +140,17 @@ def setup(cfg: TrainConfig) -> Trainer:
     L = cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
 
-    weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
-    dataset = PackedDataset(
-        [SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)],
-        seq_len=L,
-        seed=cfg.data.seed,
-        heldout_fraction=cfg.data.heldout_fraction,
-    )
+    dataset: PackedDataset | SFTDataset
+    if cfg.train.stage == "pretrain":
+        weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
+        dataset = PackedDataset(
+            [SourceSpec(p, w) for p, w in zip(cfg.data.paths, weights)],
+            seq_len=L,
+            seed=cfg.data.seed,
+            heldout_fraction=cfg.data.heldout_fraction,
+        )
+    else:  # fine-tuning: [finetune] records as [BOS] prompt [SEP] response [EOS] [PAD]... rows
+        dataset = load_sft_dataset(cfg.finetune, L, cfg.data.seed, default_tokenizer=cfg.model.init_from)
     source = weight_source(cfg.model, cfg.train.seed, dataset.tokenizer)
     mcfg = source.config
     if mcfg.max_seq_len < L:
@@ -150,7 +171,9 @@ def setup(cfg: TrainConfig) -> Trainer:
         n_micro,
         cfg.train.micro_batch_size,
     )
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
+    ckpt = Checkpointer(
+        run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size, trainable_only=cfg.lora.rank > 0
+    )
     return Trainer(cfg, env, run_dir, dataset, source, model, optimizer, scheduler, ckpt, n_micro)
 
 
@@ -297,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     tr = setup(cfg)
     progress = resume(tr)
     dcfg = DiffusionConfig(mask_token_id=tr.source.config.mask_token_id, **asdict(cfg.diffusion))
-    progress = train(tr, progress, DiffusionObjective(dcfg, cfg.train.global_batch_size))
+    objective: Objective = (
+        ARObjective() if cfg.train.stage == "ar_sft" else DiffusionObjective(dcfg, cfg.train.global_batch_size)
+    )
+    progress = train(tr, progress, objective)
     finish(tr, progress)
     dist.destroy_process_group()
     return 0
