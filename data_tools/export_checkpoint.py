@@ -4,7 +4,7 @@
     python -m data_tools.export_checkpoint runs/x/checkpoints/step_00010000 out/x --dtype bf16
 
 The folder loads in `transformers` as the AR class (LlamaForCausalLM / GPT2LMHeadModel) and in
-dlm with `dlm.train.checkpoint.load_model`; the diffusion fields (mask_token_id, attention) ride
+dlm with `dlm.evaluation.loading.load_model`; the diffusion fields (mask_token_id, attention) ride
 along in config.json. Runs in one process on CPU, whatever world size wrote the checkpoint.
 """
 
@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from dlm.evaluation.loading import DTYPES
 from dlm.train.checkpoint import export_checkpoint, resolve_checkpoint
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from dlm.tokenizer import Tokenizer, load_tokenizer
+from dlm.train.checkpoint import STATE_FILE, checkpoint_model, resolve_checkpoint
 
 if TYPE_CHECKING:
     from dlm.sft import SFTFormat
@@ -19,24 +21,36 @@ if TYPE_CHECKING:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "trainer_state.json").exists()
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face style folder (config.json, no trainer state), as opposed to a training
+    checkpoint or run folder."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / STATE_FILE).exists()
 
 
-def load_model(path: str, ar: bool = False, device: str = "cpu", dtype: str = "fp32"):
-    """A diffusion model, or with `ar` an HF folder's AR original exactly as published (causal
-    attention, no [MASK] row: nothing changes its distribution). A training checkpoint is
-    always a diffusion model; in `ar` mode it is scored through the causal layout."""
-    from dlm.models.hf import load_hf_model
-    from dlm.train.checkpoint import load_model as load_checkpoint
+def load_model(
+    path: str | Path, ar: bool = False, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> nn.Module:
+    """The one way to load a model for generation, evaluation and export checks: from a training
+    checkpoint, a run folder (its newest complete checkpoint) or a Hugging Face style folder, in
+    eval mode. dtype is a key of DTYPES.
+
+    A Hugging Face folder loads as a diffusion model ([MASK] appended if it has none, its recorded
+    attention), or with `ar` as the AR original exactly as published (causal attention, no [MASK]
+    row: nothing changes its distribution). A training checkpoint is always a diffusion model; in
+    `ar` mode it is scored through the causal layout."""
+    from dlm.models.hf import HFCheckpoint, load_hf_model
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     p = Path(path)
-    if ar and _is_hf_folder(p):
+    if not is_hf_folder(p):
+        return checkpoint_model(p, device=device, dtype=DTYPES[dtype]).eval()
+    if ar:
         model = load_hf_model(p, mask_token_id=None, attention="causal", device=device, dtype=DTYPES[dtype])
     else:
-        model = load_checkpoint(p, device=device, dtype=DTYPES[dtype])
+        attention = HFCheckpoint(p).config.attention
+        model = load_hf_model(p, mask_token_id="append", attention=attention, device=device, dtype=DTYPES[dtype])
     return model.eval()
 
 
@@ -46,8 +60,7 @@ def unadapted_ar_folder(path: str | Path) -> bool:
     ELBO scores mean nothing until the model is adapted."""
     from dlm.models.hf import HFCheckpoint
 
-    p = Path(path)
-    return _is_hf_folder(p) and HFCheckpoint(p).config.mask_token_id is None
+    return is_hf_folder(path) and HFCheckpoint(Path(path)).config.mask_token_id is None
 
 
 def check_adapted(path: str | Path, allow: bool) -> None:
@@ -67,10 +80,8 @@ def check_adapted(path: str | Path, allow: bool) -> None:
 def train_state(path: str | Path) -> dict | None:
     """The trainer state of a training checkpoint (a run folder: its newest complete one);
     None for a Hugging Face style folder."""
-    from dlm.train.checkpoint import STATE_FILE, resolve_checkpoint
-
     p = Path(path)
-    return None if _is_hf_folder(p) else json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
+    return None if is_hf_folder(p) else json.loads((resolve_checkpoint(p) / STATE_FILE).read_text())
 
 
 def sft_layout(path: str | Path, tok: Tokenizer) -> SFTFormat | None:

@@ -243,18 +243,13 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- inference-side loading
 
 
-def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+def checkpoint_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """A full model for generation / evaluation / export from a training checkpoint folder, a
-    run folder (its newest complete checkpoint) or a Hugging Face style folder."""
+    """The full model a training checkpoint holds (a run folder: its newest complete one), read
+    in this one process whatever world size wrote it; a LoRA run's adapters come merged into
+    their base. Inference code loads any model folder with `dlm.evaluation.loading.load_model`."""
     p = Path(path)
-    dtype = dtype or torch.float32
-    if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
-        from dlm.models.hf import HFCheckpoint, load_hf_model
-
-        attention = HFCheckpoint(p).config.attention
-        return load_hf_model(p, mask_token_id="append", attention=attention, device=device, dtype=dtype)
     ckpt = resolve_checkpoint(p)
     state = json.loads((ckpt / STATE_FILE).read_text())
     if state.get("train_config", {}).get("lora", {}).get("rank", 0) > 0:
@@ -287,7 +282,7 @@ def export_checkpoint(
 
     ckpt = resolve_checkpoint(path)
     state = json.loads((ckpt / STATE_FILE).read_text())
-    model = load_model(ckpt, dtype=dtype)
+    model = checkpoint_model(ckpt, dtype=dtype or torch.float32)
     folder = save_hf_model(model, model.config, out)
     src = tokenizer_from or state.get("tokenizer_from")
     if src is None:

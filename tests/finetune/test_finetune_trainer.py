@@ -12,7 +12,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from dlm.attention.layout import AttentionLayout
-from dlm.train.checkpoint import COMPLETE, load_model
+from dlm.evaluation.loading import load_model
+from dlm.train.checkpoint import COMPLETE
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dlm.attention.layout import AttentionLayout
-from dlm.train.checkpoint import COMPLETE, load_model
+from dlm.evaluation.loading import load_model
+from dlm.train.checkpoint import COMPLETE
 
 pytestmark = pytest.mark.slow
 
