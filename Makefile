@@ -1,10 +1,12 @@
-# `make demo` runs the main job on its embedded default; `make test` sets up and runs the suite.
+# `make demo` runs the main job on its embedded default; `make test` sets up, lints, type-checks
+# and runs the whole suite (what CI runs); `make test-fast` is the edit-test loop (no subprocess
+# or multi-process tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv lint test test-fast demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+test: lint
 	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow and not slurm"
 
 demo: venv
 	$(PY) -m launch.demo

@@ -121,6 +121,7 @@ def test_array_tasks_disjoint_complete_and_identical(tmp_path, corpus_dir, spm_p
     assert store_files(whole) == store_files(split)
 
 
+@pytest.mark.slow  # a subprocess
 def test_killed_unit_recovers(tmp_path, h, spm_path):
     inputs = h.slimpajama_files(tmp_path / "in", h.make_docs(1200, seed=7), 24)
     ref = plan_store(tmp_path, [inputs], spm_path, "ref")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 
 from data_tools.tokenize_fineweb import run as run_mod
@@ -152,6 +153,7 @@ def test_progress_inside_a_unit_and_log_interval(tmp_path, spm_path, h, capsys, 
     assert len(lines) == 1 and "400 docs," in lines[0], lines  # a log file gets the final line only
 
 
+@pytest.mark.slow  # a subprocess
 def test_sbatch_script_runs_without_slurm(tmp_path, corpus_dir, spm_path):
     """The array script as a plain shell script (what SLURM runs), one task of two, CPU only."""
     inputs, _ = corpus_dir

@@ -104,6 +104,7 @@ def test_ar_loglikelihoods_match_dlm_evaluator(plain_folder, tmp_path):
     assert doc_ll == pytest.approx([-s["nats"] for s in ours["heldout"]], rel=1e-5)  # each document from BOS
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_runs_local_tasks_in_diffusion_mode(hf_folder, tmp_path):
     """The documented command line: lm-eval's own, with `--model dlm` registered."""
     tasks = _task_dir(tmp_path / "tasks")

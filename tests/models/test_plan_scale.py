@@ -73,6 +73,7 @@ def test_memory_model_trades_activations_for_recompute():
         plan_scale.ac_blocks("sometimes", 4)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_plans_one_configuration():
     proc = subprocess.run(
         [sys.executable, "bench/plan_scale.py", "--preset", "gpt2", "--seq-len", "1024", "--global-batch", "64"]

@@ -24,6 +24,7 @@ def _wait(pred, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a subprocess
 def test_second_holder_is_refused_until_the_first_dies(tmp_path):
     ready = tmp_path / "ready"
     holder = subprocess.Popen(
@@ -50,6 +51,7 @@ def test_second_holder_is_refused_until_the_first_dies(tmp_path):
     RunLock(tmp_path).release()  # released locks can be taken again
 
 
+@pytest.mark.slow  # a subprocess
 def test_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
     """launcher -> worker; SIGKILL the launcher: the worker's SIGTERM handler runs."""
     worker = (
