@@ -7,13 +7,22 @@ Fine-tuning runs through the same loop: train.stage = "sft" (diffusion SFT) or "
 AR baseline) reads [finetune] records instead of data.paths; lora.rank > 0 trains LoRA adapters
 (launch/configs/tiny_sft_cpu.toml, diffugpt_m_gsm8k.toml, diffullama_lora_gsm8k.toml).
 
-Run it again with the same run folder and it resumes from the newest complete checkpoint.
-SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0 (SLURM requeue).
+Run it again with the same run folder and it resumes from the newest intact checkpoint.
+`--check` validates the config (and the world size, when WORLD_SIZE is set) and starts nothing.
+
+Stopping: SIGTERM or SIGUSR1 to the workers (torchrun passes them on) makes every rank save a
+checkpoint at the next step boundary; rank 0 then writes `<run>/STOPPED` and the workers exit 0.
+torchrun itself exits 1 after a signal, and kills the workers after --shutdown-timeout seconds
+(30 by default: raise it above a checkpoint's write time). Judge a run by its markers, not by
+exit codes: `DONE` (the last step was reached), `STOPPED` (checkpointed on a signal: run again
+to resume), neither (it failed). One trainer per run folder: rank 0 holds `<run>/LOCK`, and
+workers get SIGTERM when their torchrun dies.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -25,6 +34,7 @@ if __package__ in (None, ""):  # `torchrun launch/pretrain.py` from a source che
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from dlm.atomic import atomic_write_text
 from dlm.data import DataState, PackedDataset, SourceSpec, StepLoader, check_resume
@@ -35,14 +45,17 @@ from dlm.lora import LoRAConfig, apply_lora, with_lora_init
 from dlm.models import build_model
 from dlm.sft import ARObjective
 from dlm.tokenizer import load_tokenizer
-from dlm.train.checkpoint import Checkpointer, export_checkpoint, resolve_checkpoint
-from dlm.train.config import TrainConfig, check_world, load_config, save_config
+from dlm.train.checkpoint import Checkpointer, export_checkpoint
+from dlm.train.config import ConfigError, TrainConfig, check_world, load_config, save_config
 from dlm.train.log import logger, setup_logging
 from dlm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from dlm.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from dlm.train.parallelize import DistEnv, apply_ac, apply_compile, apply_fsdp, init_distributed, load_weights
+from dlm.train.runlock import RunLock, RunLockedError, die_with_launcher
 from dlm.train.step import DiffusionObjective, Objective, StepStats, read_stats, train_step
 from dlm.train.weights import WeightSource, weight_source
+
+STOPPED = "STOPPED"  # in the run folder: the last run checkpointed on a signal (cleared at start)
 
 
 class StopRequest:
@@ -116,6 +129,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ckpt: Checkpointer
     n_micro: int
+    lock: RunLock | None  # rank 0's hold on the run folder, for the life of the process
 
 
 @dataclass
@@ -130,13 +144,25 @@ class Progress:
 def setup(cfg: TrainConfig) -> Trainer:
     """Process group, run folder, data, model (sharded, weights loaded), optimizer, schedule."""
     set_debug(cfg.train.debug)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: do not outlive it
+        die_with_launcher()
     env = init_distributed(cfg.train.device)
     setup_logging(env.rank)
     run_dir = Path(cfg.train.run_dir)
+    n_micro = check_world(cfg, env.world_size)  # before anything is written
+    lock, refused = None, [""]
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(run_dir)
+        except RunLockedError as e:
+            refused[0] = str(e)
+    dist.broadcast_object_list(refused)  # every rank stops, not only rank 0
+    if refused[0]:
+        raise RunLockedError(refused[0])
+    if env.rank == 0:
+        (run_dir / STOPPED).unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.toml")
-    n_micro = check_world(cfg, env.world_size)
     L = cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
 
@@ -174,12 +200,12 @@ def setup(cfg: TrainConfig) -> Trainer:
     ckpt = Checkpointer(
         run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size, trainable_only=cfg.lora.rank > 0
     )
-    return Trainer(cfg, env, run_dir, dataset, source, model, optimizer, scheduler, ckpt, n_micro)
+    return Trainer(cfg, env, run_dir, dataset, source, model, optimizer, scheduler, ckpt, n_micro, lock)
 
 
 def resume(tr: Trainer) -> Progress:
     """Restore model, optimizer, schedule position and data position from the checkpoint that
-    `checkpoint.resume` names ("auto": the newest complete one), or start fresh."""
+    `checkpoint.resume` names ("auto": the newest intact one), or start fresh."""
     cfg, ckpt = tr.cfg, tr.ckpt
     if cfg.checkpoint.resume == "none":
         if ckpt.latest() is not None:
@@ -188,7 +214,7 @@ def resume(tr: Trainer) -> Progress:
                 "choose a new train.run_dir, or resume"
             )
         return Progress()
-    path = ckpt.latest() if cfg.checkpoint.resume == "auto" else resolve_checkpoint(cfg.checkpoint.resume)
+    path = ckpt.resume_point(cfg.checkpoint.resume)
     if path is None:
         return Progress()
     state = ckpt.load(path, tr.model, tr.optimizer)
@@ -296,6 +322,8 @@ def train(tr: Trainer, progress: Progress, objective: Objective) -> Progress:
         if saving:
             tr.ckpt.save(step, tr.model, tr.optimizer, trainer_state(tr, progress, loader))
         if stopping:
+            if env.rank == 0:
+                atomic_write_text(tr.run_dir / STOPPED, f"step {step}\n")  # tells the SLURM script to requeue
             logger.info("stop requested by signal: checkpoint at step %d written, exiting", step)
             break
     metrics.close()
@@ -312,12 +340,24 @@ def finish(tr: Trainer, progress: Progress) -> None:
         dist.barrier()
 
 
+@record  # torchrun's failure summary then shows the exception, not just an exit code
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="TOML file (see launch/configs/)")
+    parser.add_argument("--check", action="store_true", help="validate the config (and WORLD_SIZE if set), then exit")
     args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    tr = setup(cfg)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.check:
+            if "WORLD_SIZE" in os.environ:
+                check_world(cfg, int(os.environ["WORLD_SIZE"]))
+            print(f"config ok: {args.config}")
+            return 0
+        tr = setup(cfg)
+    except (ConfigError, RunLockedError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one traceback per rank
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     progress = resume(tr)
     dcfg = DiffusionConfig(mask_token_id=tr.source.config.mask_token_id, **asdict(cfg.diffusion))
     objective: Objective = (
