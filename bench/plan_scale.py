@@ -19,7 +19,10 @@ recomputed forward under activation checkpointing) at the MFU you state.
 noise, fused CE, attention backend "auto", AdamW; one process, fp32, no FSDP) for several
 presets and batch sizes and prints the predicted peak next to the measured peak RSS. The
 prediction covers tensors; the RSS of the process before the model is built (interpreter,
-torch, the batch) is measured and added.
+torch, the batch) is measured and added. The workers run with MALLOC_MMAP_THRESHOLD_=65536 so
+that freed tensors go back to the OS and peak RSS is the peak of live memory: with glibc's
+default dynamic threshold, RSS also holds what malloc caches (about 15% more at SmolLM2 B 1 x
+L 256).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,7 +75,7 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     import torch
 
     with torch.device("meta"):
-        model = build_model(cfg)
+        model: Any = build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     block = sum(p.numel() for p in model.layers[0].parameters())
     return total, block, total - cfg.n_layers * block
@@ -81,7 +85,7 @@ def layer_activation_bytes(cfg: ModelConfig, s: int) -> float:
     """Bytes autograd keeps per token per block (s = compute dtype size), counted from the
     blocks' code (tests/models/test_plan_scale.py checks it against saved-tensor hooks)."""
     D, F, H = cfg.dim, cfg.ffn_dim, cfg.n_heads
-    kv = cfg.n_kv_heads * cfg.head_dim
+    kv = (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
     attention = s * (D + 2 * kv) + s * D + 4 * H  # q, k, v (after RoPE / packing), output, logsumexp
     if cfg.family == "llama":
         # RMSNorm: fp32 input (a copy when s = 2), normalised fp32 -> compute dtype, output; rsqrt
@@ -147,9 +151,10 @@ def memory(setup: Setup) -> dict[str, float]:
         + m["reduce-scatter buffers"]
     )
     # end of backward: every gradient, plus the embedding backward's dense [V, D] gradient;
-    # the CPU optimizer's per-tensor loop adds a temporary the size of the largest tensor
+    # the CPU optimizer's per-tensor loop makes two temporaries (sqrt, then / bias correction)
+    # the size of the largest tensor
     backward_end = static + m["gradients (fp32, sharded)"] + head_rows * s + m["reduce-scatter buffers"]
-    optimizer = static + m["gradients (fp32, sharded)"] + (0 if setup.fused_adamw else 4 * head_rows / n)
+    optimizer = static + m["gradients (fp32, sharded)"] + (0 if setup.fused_adamw else 2 * 4 * head_rows / n)
     m["peak"] = max(forward_end, backward_start, backward_end, optimizer)
     return m
 
@@ -165,7 +170,8 @@ def flops_per_token(setup: Setup) -> int:
     import torch
 
     with torch.device("meta"):
-        return build_model(setup.cfg).flops_per_token(setup.seq_len)
+        model: Any = build_model(setup.cfg)
+    return model.flops_per_token(setup.seq_len)
 
 
 def recompute_factor(setup: Setup) -> float:
@@ -274,6 +280,9 @@ PAPER_GPUS = {"llama2-7b": 64, "gpt2-medium": 8}
 
 
 # ------------------------------------------------------------------------------- validation
+# glibc: allocations above this are mmap'd and unmapped on free (no dynamic threshold), so peak
+# RSS is the peak of live memory rather than of what malloc keeps cached for reuse
+MMAP_THRESHOLD = 65536
 VALIDATION = (  # preset, batch, seq_len, activation checkpointing
     ("smollm2-135m", 1, 256, "none"),
     ("smollm2-135m", 2, 512, "none"),
@@ -303,7 +312,7 @@ def validate(threads: int) -> tuple[list[str], list[dict]]:
             "--dtype=float32",
             "--device=cpu",
         ]
-        got = run_worker("dlm", argv)
+        got = run_worker("dlm", argv, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)))
         setup = Setup(_preset(name), seq_len, batch, gpus=1, ac=ac, compute_bytes=4, fsdp=False, fused_adamw=False)
         pred = memory(setup)["peak"] / MIB
         meas, start = got["peak_mib"], got["start_mib"]
