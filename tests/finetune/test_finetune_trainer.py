@@ -42,8 +42,9 @@ def close(a: dict[int, dict], b: dict[int, dict], key: str, rtol: float = 1e-5) 
 
 @pytest.fixture(scope="module")
 def lora_one(finetune_run, tmp_path_factory) -> Path:
+    """With activation checkpointing: the wrappers must not change adapter names or numerics."""
     d = tmp_path_factory.mktemp("lora_one")
-    finetune_run.run(1, finetune_run.args(d / "run", **LORA), d / "log")
+    finetune_run.run(1, finetune_run.args(d / "run", **LORA, **{"parallel.activation_checkpoint": "full"}), d / "log")
     return d / "run"
 
 
