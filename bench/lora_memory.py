@@ -28,12 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "full": {"rank": 0},
     "lora": {"rank": 16, "extra_trainable": []},
     "lora+embed": {"rank": 16, "extra_trainable": ["embed_tokens"]},
@@ -63,7 +64,7 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(cfg)
-    model.init_weights(seed=0)
+    model.init_weights(seed=0)  # type: ignore[operator]
     spec = VARIANTS[variant]
     if spec["rank"]:
         apply_lora(model, LoRAConfig(rank=spec["rank"], alpha=32, extra_trainable=spec["extra_trainable"]))
@@ -82,6 +83,7 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
         for _ in range(B)
     ]
     batch = {k: v.to(device) for k, v in collate_sft(rows, range(B)).items()}
+    assert cfg.mask_token_id is not None
     dcfg = DiffusionConfig(mask_token_id=cfg.mask_token_id, random_length_prob=0.0)
 
     def step(i: int) -> float:

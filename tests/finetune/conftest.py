@@ -60,7 +60,7 @@ def _hf_folder(tmp_path_factory, name: str, tokenizer: Path) -> Path:
 
     cfg = preset(name)
     model = build_model(cfg)
-    model.init_weights(seed=3)
+    model.init_weights(seed=3)  # type: ignore[operator]
     return save_hf_model(model, cfg, tmp_path_factory.mktemp("hf") / name, tokenizer_from=tokenizer)
 
 
@@ -94,7 +94,7 @@ def _train_conftest():
 SFT_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny_sft_cpu.toml"
 
 
-class FinetuneRun(_train_conftest().Torchrun):
+class FinetuneRun(_train_conftest().Torchrun):  # type: ignore[misc]
     """launch/pretrain.py under torchrun with launch/configs/tiny_sft_cpu.toml and test overrides."""
 
     def __init__(self, init_from: Path, data: Path):
