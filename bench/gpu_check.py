@@ -291,7 +291,7 @@ def bench_masked_ce(rep: Report, device: torch.device, sizes: Sizes) -> None:
         mem = peak_extra_bytes(fn, device)
         h.grad = w.grad = None
         sec = timed(
-            lambda: (fn(), setattr(h, "grad", None), setattr(w, "grad", None)), device, sizes.warmup, sizes.iters
+            lambda fn=fn: (fn(), setattr(h, "grad", None), setattr(w, "grad", None)), device, sizes.warmup, sizes.iters
         )
         res[name] = (sec, mem)
     base_t, base_m = res["naive full logits"]
@@ -333,7 +333,11 @@ def bench_attention(rep: Report, device: torch.device, sizes: Sizes) -> None:
             except NotImplementedError as e:
                 rep.add("c", f"attn {name} hd={hd}", f"no backward here: {str(e)[:120]}", "skip")
                 continue
-            sec = timed(lambda: attend(q, k, v, layout, backend=name).backward(grad), device, sizes.warmup, sizes.iters)
+
+            def run(q=q, k=k, v=v, layout=layout, name=name, grad=grad):
+                attend(q, k, v, layout, backend=name).backward(grad)
+
+            sec = timed(run, device, sizes.warmup, sizes.iters)
             rep.add(
                 "c",
                 f"attn {name} hd={hd} B={B} L={L}",
@@ -446,7 +450,6 @@ def _train_config(rep, label, device, sizes, base, vocab, dtype, batch, dcfg, fu
         batch=[B, L],
         first_loss=first,
     )
-    del model, opt
 
 
 def main(argv=None) -> int:

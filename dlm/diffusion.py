@@ -272,6 +272,23 @@ def diffusion_loss(
     )
 
 
+def _per_row_head(ids: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor):
+    """A model head returning each row's weighted CE sum over its masked tokens, [B]."""
+    sel = _prediction_rows(masked)
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                masked_cross_entropy(
+                    hidden[b][sel[b]], weight, ids[b, 1:][masked[b, 1:]], weights[b, 1:][masked[b, 1:]]
+                )
+                for b in range(ids.shape[0])
+            ]
+        )
+
+    return head
+
+
 def _elbo_seed(seed: int, k: int) -> int:
     """A 63-bit masking seed for draw k of the held-out estimator."""
     r0, r1 = _draw(torch.tensor([k]), _STREAM_ELBO_SEED, seed)
@@ -301,17 +318,5 @@ def heldout_elbo(
     for k in range(num_samples):
         t = torch.full((B,), (k + 0.5) / num_samples, dtype=torch.float32, device=ids.device)
         noisy, masked, weights = mask_tokens(ids, eligible, t, sids.to(ids.device), _elbo_seed(seed, k), mask_id)
-        sel = _prediction_rows(masked)
-
-        def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return torch.stack(
-                [
-                    masked_cross_entropy(
-                        hidden[b][sel[b]], weight, ids[b, 1:][masked[b, 1:]], weights[b, 1:][masked[b, 1:]]
-                    )
-                    for b in range(B)
-                ]
-            )
-
-        total += model(noisy, layout, head=head).double()
+        total += model(noisy, layout, head=_per_row_head(ids, masked, weights)).double()
     return total / num_samples, eligible.sum(1)

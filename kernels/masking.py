@@ -86,7 +86,7 @@ def mask_tokens_reference(
     mask_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-PyTorch masking; the definition the Triton kernel must reproduce bit for bit."""
-    B, L = input_ids.shape
+    L = input_ids.shape[1]
     t = t.to(torch.float32)
     u = _token_uniforms(sample_ids, L, seed)
     masked = u < t[:, None]

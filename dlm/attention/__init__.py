@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from functools import cache, lru_cache
+from functools import cache
 from types import ModuleType
 
 import torch

@@ -138,7 +138,7 @@ def load_index(store: Path, index_dir: Path | None = None, log=None) -> SourceIn
     if not (final / "manifest.json").exists():
         try:
             root.mkdir(parents=True, exist_ok=True)
-            lock = open(root / f"{fp}.lock", "a+")
+            lock = open(root / f"{fp}.lock", "a+")  # noqa: SIM115 (held until the index is written)
         except OSError as e:
             raise OSError(
                 f"cannot create the index of {store} under {root} ({e}); pass index_dir= "

@@ -75,7 +75,7 @@ class ShardWriter:
         self.schema = schema
         self.dtype = np.dtype(schema.field("tokens").type.value_type.to_pandas_dtype())
         self.batch_tokens = int(batch_tokens)
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit / abort)
         self._writer = pa.ipc.new_file(self._file, schema, options=pa.ipc.IpcWriteOptions(compression=None))
         self._parts: list[np.ndarray] = []
         self._lengths: list[np.ndarray] = []

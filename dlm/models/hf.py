@@ -248,7 +248,7 @@ class HFCheckpoint:
         index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if single.is_file():
             with safe_open(single, framework="pt") as f:
-                return {k: single for k in f.keys()}
+                return dict.fromkeys(f.keys(), single)  # safe_open handles are not iterable
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -348,7 +348,7 @@ def load_hf_model(
         raise ValueError(f"attention must be 'bidirectional' or 'causal', got {attention!r}")
     ckpt = HFCheckpoint(folder)
     cfg = ckpt.config
-    state = {k: ckpt.tensor(k) for k in ckpt.keys()}
+    state = {k: ckpt.tensor(k) for k in ckpt.keys()}  # noqa: SIM118 (HFCheckpoint is not a mapping)
     if cfg.mask_token_id is not None:
         if isinstance(mask_token_id, int) and mask_token_id != cfg.mask_token_id:
             raise ValueError(f"{folder}: checkpoint already uses [MASK] id {cfg.mask_token_id}, not {mask_token_id}")
@@ -434,5 +434,5 @@ def save_hf_model(
         if not found:
             raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy")
         for f in found:
-            atomic_write(out / f.name, lambda tmp: shutil.copyfile(f, tmp))
+            atomic_write(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
     return out

@@ -70,7 +70,7 @@ class MetricsLogger:
             return
         path = run_dir / "metrics.jsonl"
         _truncate_jsonl(path, start_step)
-        self.jsonl = open(path, "a")
+        self.jsonl = open(path, "a")  # noqa: SIM115 (closed by close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

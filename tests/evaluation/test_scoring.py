@@ -35,7 +35,7 @@ def _train_diffusion(model, rows: torch.Tensor, steps: int, seed: int = 0) -> No
         noisy = rows.masked_fill(masked, MASK)
         r, c = masked.nonzero(as_tuple=True)
 
-        def head(hidden, weight):
+        def head(hidden, weight, r=r, c=c, t=t, masked=masked):
             logits = hidden[r, c - 1] @ weight.t()
             return (F.cross_entropy(logits.float(), rows[r, c], reduction="none") / t[r, 0]).sum() / masked.numel()
 
@@ -110,7 +110,7 @@ def _brute_force_loglik(model, ctx: list[int], cont: list[int]) -> float:
 def test_ar_scorer_matches_brute_force():
     model = _model(seed=2)
     pairs = [([1, 7, 8], [9, 10, 11]), ([1], [50]), ([1, 3, 4, 5, 6, 7, 8, 9], [60, 61])]
-    nll, greedy = ar_nll(model, pairs, batch_size=2)
+    nll, _ = ar_nll(model, pairs, batch_size=2)
     for (ctx, cont), got in zip(pairs, nll):
         assert got == pytest.approx(-_brute_force_loglik(model, ctx, cont), rel=1e-4, abs=1e-4)
     # greedy flag: build a continuation that *is* the greedy one

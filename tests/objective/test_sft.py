@@ -41,7 +41,7 @@ def test_collate():
 def test_prompt_never_masked():
     g = torch.Generator().manual_seed(0)
     exs, prompt_lens = [], []
-    for i in range(32):
+    for _ in range(32):
         p = torch.randint(4, 90, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
         r = torch.randint(4, 90, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
         exs.append(sft_example(p, r, FMT))

@@ -4,6 +4,7 @@ under torchrun as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -173,18 +174,16 @@ class Torchrun:
             tree.append(p)
             todo += children.get(p, [])
         for p in tree:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, 9)
-            except ProcessLookupError:
-                pass
 
     def run(self, nproc: int, args: list[str], log: Path, timeout: float = 300, **kw) -> None:
         p = self.start(nproc, args, log, **kw)
         try:
             rc = p.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             self.kill_tree(p.pid)
-            raise AssertionError(f"torchrun timed out; log:\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"torchrun timed out; log:\n{log.read_text()[-4000:]}") from e
         assert rc == 0, f"torchrun exited {rc}; log:\n{log.read_text()[-4000:]}"
 
 
