@@ -1,5 +1,6 @@
 """LoRA vs full fine-tuning on the SmolLM2-135M shape: peak memory, optimizer-state bytes,
-trainable parameters and step time, as ratios against full fine-tuning measured in the same run.
+trainable parameters, checkpoint size and step time, as ratios against full fine-tuning measured
+in the same run.
 
     python bench/lora_memory.py                         # CPU: B = 4 rows of L = 256, 3 timed steps
     python bench/lora_memory.py --batch 2 --seq-len 64 --steps 1     # quick
@@ -46,6 +47,23 @@ def _status_kib(field: str) -> int:
         m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
     assert m is not None
     return int(m.group(1))
+
+
+def _checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> int:
+    """Size of the DCP model + optimizer checkpoint the trainer writes (dlm.train.checkpoint:
+    LoRA runs save only the trainable tensors)."""
+    import tempfile
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=True)
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
@@ -107,6 +125,7 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
     opt_bytes = sum(
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
+    ckpt_bytes = _checkpoint_bytes(model, optimizer, trainable_only=bool(spec["rank"]))
     return {
         "variant": variant,
         "device": device.type,
@@ -114,6 +133,7 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
         "total_params": sum(p.numel() for p in model.parameters()),
         "optimizer_state_bytes": opt_bytes,
         "peak_memory_bytes": peak,
+        "checkpoint_bytes": ckpt_bytes,
         "step_time_s": statistics.median(times),
     }
 
@@ -139,17 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         results[variant] = json.loads(out.strip().splitlines()[-1])
     full = results["full"]
     print(f"SmolLM2-135M shape, diffusion SFT step, B={args.batch} x L={args.seq_len}, device {full['device']}")
-    print(f"{'variant':<12}{'trainable':>14}{'optimizer MiB':>15}{'peak MiB':>11}{'step s':>9}")
+    print(f"{'variant':<12}{'trainable':>14}{'optimizer MiB':>15}{'checkpoint MiB':>16}{'peak MiB':>11}{'step s':>9}")
     for r in results.values():
         print(
             f"{r['variant']:<12}{r['trainable_params']:>14,}{r['optimizer_state_bytes'] / 2**20:>15.1f}"
-            f"{r['peak_memory_bytes'] / 2**20:>11.1f}{r['step_time_s']:>9.3f}"
+            f"{r['checkpoint_bytes'] / 2**20:>16.1f}{r['peak_memory_bytes'] / 2**20:>11.1f}{r['step_time_s']:>9.3f}"
         )
     for name in ("lora", "lora+embed"):
         r = results[name]
         print(
             f"{name} / full: trainable {r['trainable_params'] / full['trainable_params']:.4f}, "
             f"optimizer state {r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.4f}, "
+            f"checkpoint {r['checkpoint_bytes'] / full['checkpoint_bytes']:.4f}, "
             f"peak memory {r['peak_memory_bytes'] / full['peak_memory_bytes']:.3f}, "
             f"step time {r['step_time_s'] / full['step_time_s']:.3f}"
         )
