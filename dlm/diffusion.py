@@ -221,14 +221,10 @@ def noise_batch(batch: dict, step: int, cfg: DiffusionConfig, global_batch_size:
 
 @dataclass
 class LossOutput:
-    """loss carries the gradient; the rest are detached sums to all-reduce exactly across ranks."""
+    """loss carries the gradient; elbo_sum is the detached statistic the trainer logs."""
 
     loss: torch.Tensor
     elbo_sum: torch.Tensor  # sum over masked tokens of CE / t (nats)
-    n_eligible: torch.Tensor
-    n_masked: torch.Tensor
-    t_sum: torch.Tensor
-    rows: int
 
 
 def _prediction_rows(masked: torch.Tensor) -> torch.Tensor:
@@ -262,14 +258,7 @@ def diffusion_loss(
         normalizer = normalizer.to(elbo_sum.device, torch.float32).clamp_min(1.0)
     else:
         normalizer = max(float(normalizer), 1.0)
-    return LossOutput(
-        loss=elbo_sum / normalizer,
-        elbo_sum=elbo_sum.detach(),
-        n_eligible=noised.n_eligible,
-        n_masked=noised.n_masked,
-        t_sum=noised.t.sum(),
-        rows=noised.t.shape[0],
-    )
+    return LossOutput(loss=elbo_sum / normalizer, elbo_sum=elbo_sum.detach())
 
 
 def _per_row_head(ids: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor):

@@ -178,15 +178,7 @@ def ar_loss(model: nn.Module, batch: ARBatch, normalizer: torch.Tensor | float, 
         normalizer = normalizer.to(nll_sum.device, torch.float32).clamp_min(1.0)
     else:
         normalizer = max(float(normalizer), 1.0)
-    n = batch.n_eligible
-    return LossOutput(
-        loss=nll_sum / normalizer,
-        elbo_sum=nll_sum.detach(),
-        n_eligible=n,
-        n_masked=n,
-        t_sum=torch.zeros((), device=nll_sum.device),
-        rows=batch.input_ids.shape[0],
-    )
+    return LossOutput(loss=nll_sum / normalizer, elbo_sum=nll_sum.detach())
 
 
 class ARObjective:

@@ -1,11 +1,10 @@
 """Weighted cross-entropy over (masked) rows, fused with the output projection (DESIGN section 7).
 
     loss = masked_cross_entropy(hidden [N, D], weight [V, D], targets [N], row_weights [N])
-         = sum_i row_weights[i] * (lse_i - logit_i[target_i] + z_loss * lse_i**2),  fp32 scalar
+         = sum_i row_weights[i] * (lse_i - logit_i[target_i]),  fp32 scalar
 
-where logit_i = hidden[i] @ weight.T and lse_i = logsumexp(logit_i). The z-loss term is part of
-the per-row loss, so a row's weight scales all of it (one knob per row; zero-weight rows are
-ignored entirely and their targets may hold anything, e.g. -100).
+where logit_i = hidden[i] @ weight.T and lse_i = logsumexp(logit_i). Zero-weight rows are
+ignored entirely and their targets may hold anything, e.g. -100.
 
 Why fused: a full [N, V] fp32 logits tensor (plus its softmax and gradient) is the biggest
 allocation of a training step. Here rows go through in chunks sized by a memory budget; each
@@ -44,7 +43,6 @@ def masked_cross_entropy(
     targets: torch.Tensor,
     row_weights: torch.Tensor,
     *,
-    z_loss: float = 0.0,
     impl: str = "auto",
     chunk_rows: int | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
@@ -60,14 +58,14 @@ def masked_cross_entropy(
     # zero-weight rows are ignored: give them a valid dummy target
     targets = torch.where(row_weights != 0, targets, torch.zeros_like(targets))
     if impl == "naive":
-        return naive_cross_entropy(hidden, weight, targets, row_weights, z_loss=z_loss)
+        return naive_cross_entropy(hidden, weight, targets, row_weights)
     if impl == "triton":
         _check_triton(hidden)
     if chunk_rows is None:
         chunk_rows = chunk_rows_for(weight.shape[0], hidden.dtype, memory_budget_bytes)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return _FusedLinearCE.apply(hidden, weight, targets, row_weights, float(z_loss), impl, int(chunk_rows))
+    return _FusedLinearCE.apply(hidden, weight, targets, row_weights, impl, int(chunk_rows))
 
 
 def chunk_rows_for(vocab_size: int, dtype: torch.dtype, memory_budget_bytes: int) -> int:
@@ -77,15 +75,13 @@ def chunk_rows_for(vocab_size: int, dtype: torch.dtype, memory_budget_bytes: int
 
 
 def naive_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor, *, z_loss: float = 0.0
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor:
     """Reference: full [N, V] fp32 logits through plain autograd."""
     logits = (hidden @ weight.t()).float()
     lse = torch.logsumexp(logits, dim=1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     per_row = lse - target_logit
-    if z_loss:
-        per_row = per_row + z_loss * lse.square()
     return (row_weights.float() * per_row).sum()
 
 
@@ -138,9 +134,9 @@ def _check_triton(hidden: torch.Tensor) -> None:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, z_loss, impl, chunk_rows):
+    def forward(ctx, hidden, weight, targets, row_weights, impl, chunk_rows):
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # False under no_grad
-        loss, dh, dw = _fused_forward(hidden, weight, targets, row_weights, z_loss, impl, chunk_rows, want_dh, want_dw)
+        loss, dh, dw = _fused_forward(hidden, weight, targets, row_weights, impl, chunk_rows, want_dh, want_dw)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -153,10 +149,10 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_h = dh * grad_out.to(dh.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (dw * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def _fused_forward(hidden, weight, targets, row_weights, z_loss, impl, chunk_rows, want_dh, want_dw):
+def _fused_forward(hidden, weight, targets, row_weights, impl, chunk_rows, want_dh, want_dw):
     """Loss and, when wanted, the gradients dh [N, D] (hidden dtype) and dW [V, D] (fp32)."""
     n = hidden.shape[0]
     want_grad = want_dh or want_dw
@@ -168,7 +164,7 @@ def _fused_forward(hidden, weight, targets, row_weights, z_loss, impl, chunk_row
         end = min(start + chunk_rows, n)
         h = hidden[start:end]
         logits = h @ weight.t()  # [c, V] in the compute dtype; becomes the gradient in place
-        loss += row_fn(logits, targets[start:end], row_weights[start:end], z_loss, want_grad)
+        loss += row_fn(logits, targets[start:end], row_weights[start:end], want_grad)
         if want_dh:
             torch.mm(logits, weight, out=dh[start:end])
         if want_dw:
@@ -187,7 +183,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _rows_torch(logits, targets, row_weights, z_loss, want_grad) -> torch.Tensor:
+def _rows_torch(logits, targets, row_weights, want_grad) -> torch.Tensor:
     """Summed weighted loss of a chunk; with want_grad, logits become w * dloss/dlogits in place."""
     x = logits if logits.dtype == torch.float32 else logits.float()
     rows = torch.arange(x.shape[0], device=x.device)
@@ -196,17 +192,17 @@ def _rows_torch(logits, targets, row_weights, z_loss, want_grad) -> torch.Tensor
     x.sub_(m).exp_()  # in place: no second [c, V] buffer
     s = x.sum(dim=1, keepdim=True)
     lse = (m + s.log()).squeeze(1)
-    loss = (row_weights * (lse - target_logit + z_loss * lse.square())).sum()
+    loss = (row_weights * (lse - target_logit)).sum()
     if want_grad:
-        # d/dlogit of w*(lse - x_t + z lse^2) = w*(1 + 2 z lse)*softmax - w*onehot
-        x.mul_((row_weights * (1 + 2 * z_loss * lse))[:, None] / s)
+        # d/dlogit of w*(lse - x_t) = w*softmax - w*onehot
+        x.mul_(row_weights[:, None] / s)
         x[rows, targets] -= row_weights
         if x is not logits:
             logits.copy_(x)
     return loss
 
 
-def _rows_triton(logits, targets, row_weights, z_loss, want_grad) -> torch.Tensor:
+def _rows_triton(logits, targets, row_weights, want_grad) -> torch.Tensor:
     c, v = logits.shape
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
     if c:
@@ -218,7 +214,6 @@ def _rows_triton(logits, targets, row_weights, z_loss, want_grad) -> torch.Tenso
             row_weights,
             loss,
             v,
-            z_loss,
             WRITE_GRAD=want_grad,
             BLOCK_V=block,
             num_warps=8 if block >= 2048 else 4,
@@ -236,7 +231,6 @@ if triton is not None:
         weights_ptr,
         loss_ptr,
         V,
-        z_loss,
         WRITE_GRAD: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -257,12 +251,11 @@ if triton is not None:
             m = m_new
         lse = m + tl.log(s)
         x_t = tl.load(base + t).to(tl.float32)
-        tl.store(loss_ptr + row, w * (lse - x_t + z_loss * lse * lse))
+        tl.store(loss_ptr + row, w * (lse - x_t))
         if WRITE_GRAD:
-            scale = w * (1.0 + 2.0 * z_loss * lse)
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) * scale
+                g = tl.exp(x - lse) * w
                 g = tl.where(cols == t, g - w, g)
                 tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)

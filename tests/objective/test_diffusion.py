@@ -254,8 +254,6 @@ def test_loss_matches_brute_force(loss_norm):
         assert out.elbo_sum.dtype == torch.float32
         torch.testing.assert_close(out.elbo_sum.double(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.loss.double(), ref / norm.double(), rtol=1e-5, atol=1e-6)
-        assert out.n_eligible == nb.eligible.sum() and out.n_masked == nb.masked.sum()
-        assert out.t_sum == nb.t.sum() and out.rows == 3
         assert not out.elbo_sum.requires_grad and out.loss.requires_grad
 
 
