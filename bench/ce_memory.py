@@ -3,7 +3,7 @@
     python bench/ce_memory.py                 # N = 8192 rows, V = 32000, H = 1024, fp32
     python bench/ce_memory.py --rows 1024 --vocab 4000 --hidden 256 --rounds 1   # quick
 
-Goal (DESIGN section 7): fused peak extra memory <= 10% of naive, time <= 1.2x naive, forward +
+Goal (docs/design.md §7): fused peak extra memory <= 10% of naive, time <= 1.2x naive, forward +
 backward, weighted sum over rows in both.
 
 How memory is measured, and why it is honest: each variant runs in its own fresh subprocess (so

@@ -1,4 +1,4 @@
-"""One-call GPU check (issue 5): correctness of every fast path on the device, then speed.
+"""One-call GPU check: correctness of every fast path on the device, then speed.
 
     python bench/gpu_check.py              # one CUDA GPU, < 6 minutes on an H200
     python bench/gpu_check.py --dry-run    # the same code at tiny sizes on CPU (part of the tests)
@@ -6,8 +6,9 @@
 (a) kernels against references on the device, fp32 and bf16: fused masked CE (Triton and chunked
     PyTorch) vs full-logits autograd; Triton Philox masking bit-exact against the CPU reference;
     every attention backend (forward and gradients) vs the dense SDPA reference.
-(b) masked CE forward+backward time against its roofline (6HV FLOPs + 4V bytes per row at the
-    H200 figures of DESIGN 8b) and against naive F.cross_entropy on full logits, with peak memory.
+(b) masked CE forward+backward time against its roofline (6HV FLOPs + 4V bytes per row at an
+    H200's measured bf16 matmul rate and copy bandwidth) and against naive F.cross_entropy on full
+    logits, with peak memory.
 (c) attention backends on packed 2k-token rows, head dim 64 and 128: forward+backward TFLOP/s.
 (d) a training step of a ~1B LLaMA-shaped model (seq 2048, bf16 weights, AdamW), compile off
     and on: tokens/s and MFU of the real path (fused CE + best document-mask backend) against the
@@ -44,7 +45,7 @@ from dlm.attention.dense import sdpa_attention
 from dlm.kernels.masked_ce import masked_cross_entropy, naive_cross_entropy
 from dlm.kernels.masking import mask_tokens, mask_tokens_reference
 
-H200_FLOPS = 790e12  # bf16 dense matmul measured on the lent H200 (DESIGN 8b)
+H200_FLOPS = 790e12  # bf16 dense matmul, as measured on an H200
 H200_BYTES = 4.3e12  # copy bandwidth, bytes/s
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 ATTN_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}

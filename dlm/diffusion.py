@@ -1,4 +1,4 @@
-"""The masked-diffusion objective (DESIGN section 2): absorbing-state diffusion, alpha_t = 1 - t.
+"""The masked-diffusion objective (docs/design.md §2): absorbing-state diffusion, alpha_t = 1 - t.
 
 Per optimizer step and packed row: draw t, replace each loss-eligible token by [MASK] with
 probability t, run the model bidirectionally, and score the masked tokens with the shifted AR

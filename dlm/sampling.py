@@ -1,4 +1,4 @@
-"""Iterative unmasking for masked diffusion LMs (DESIGN section 3).
+"""Iterative unmasking for masked diffusion LMs (docs/design.md §3).
 
 Each request is one row `prefix | [MASK] * n | suffix`; the prefix (prompt, or BOS when there is
 none) and the suffix stay fixed. For each of T steps the model runs once; the masked positions of

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning rows (DESIGN section 2) and the AR-SFT objective.
+"""Supervised fine-tuning rows (docs/design.md §2) and the AR-SFT objective.
 
     [BOS] prompt [SEP] response [EOS] [PAD] ...     (one example per row, positions 0..L-1)
 

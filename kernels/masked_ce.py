@@ -1,4 +1,4 @@
-"""Weighted cross-entropy over (masked) rows, fused with the output projection (DESIGN section 7).
+"""Weighted cross-entropy over (masked) rows, fused with the output projection (docs/design.md §7).
 
     loss = masked_cross_entropy(hidden [N, D], weight [V, D], targets [N], row_weights [N])
          = sum_i row_weights[i] * (lse_i - logit_i[target_i]),  fp32 scalar

@@ -1,4 +1,4 @@
-"""Token masking for masked diffusion (DESIGN section 7): one pass over the tokens.
+"""Token masking for masked diffusion (docs/design.md §7): one pass over the tokens.
 
 Token (row b, column j) draws `r = philox4x32_10(key=seed, counter=(off_lo, off_hi, 0, 0))[0]`
 with `off = sample_ids[b] * L + j`, so a sample's mask depends only on (seed, global sample id),

@@ -1,4 +1,4 @@
-"""Evaluate a diffusion LM (or, with --ar, the AR original) on local task files (DESIGN section 4).
+"""Evaluate a diffusion LM (or, with --ar, the AR original) on local task files (docs/design.md §4).
 
     python launch/evaluate.py runs/demo --task hellaswag=data/hellaswag_val.jsonl --num-samples 128
     python launch/evaluate.py hf/gpt2 --ar --task piqa=data/piqa_val.parquet --task winogrande=data/wg_dev

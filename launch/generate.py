@@ -1,4 +1,4 @@
-"""Generate text with a masked diffusion LM (DESIGN section 3), or greedily with --ar.
+"""Generate text with a masked diffusion LM (docs/design.md §3), or greedily with --ar.
 
     python launch/generate.py runs/demo --prompt "Once upon a time" --length 64 --steps 64
     python launch/generate.py runs/demo/export --prompts-file prompts.jsonl --out samples.jsonl

@@ -1,4 +1,4 @@
-"""Continual pre-training of a masked diffusion LM (DESIGN sections 2 and 6).
+"""Continual pre-training of a masked diffusion LM (docs/design.md §2, §6).
 
     torchrun --nproc_per_node 8 launch/pretrain.py --config launch/configs/diffullama_7b.toml
     torchrun --nproc_per_node 2 launch/pretrain.py --config launch/configs/tiny_cpu.toml --optim.lr 1e-3

@@ -1,4 +1,4 @@
-"""One attention interface over several backends (DESIGN section 8).
+"""One attention interface over several backends (docs/design.md §8).
 
     out = attend(q, k, v, layout, backend="auto")   # q [B, H, L, D], k/v [B, Hkv, L, D]
 

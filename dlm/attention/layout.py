@@ -40,7 +40,7 @@ def future_open(q_idx: torch.Tensor, k_idx: torch.Tensor, key, threshold) -> tor
 
 @dataclass(frozen=True)
 class AnnealMask:
-    """Causal -> bidirectional annealing (DESIGN section 2): at optimizer step `step`, each
+    """Causal -> bidirectional annealing (docs/design.md §2): at optimizer step `step`, each
     future entry (q, k > q) of a document is open with probability `p`, drawn from a hash of
     (seed, step, q, k) that is shared by batch rows, heads and layers."""
 

@@ -1,4 +1,4 @@
-"""Token store, index and packed, deterministic, elastic sampler (DESIGN section 5).
+"""Token store, index and packed, deterministic, elastic sampler (docs/design.md §5).
 
 Names are imported lazily so that the tokenizing workers (which need only `dlm.data.store`)
 do not pay for importing torch.

@@ -1,4 +1,4 @@
-"""Evaluation of diffusion (and, for comparison, AR) models on local task files (DESIGN section 4).
+"""Evaluation of diffusion (and, for comparison, AR) models on local task files (docs/design.md §4).
 
 results = evaluate(model, tokenizer, [("hellaswag", "hellaswag.jsonl")], EvalConfig(num_samples=128))
 """

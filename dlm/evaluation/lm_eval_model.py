@@ -45,7 +45,7 @@ def _flag(value) -> bool:
 
 @register_model("dlm")
 class DLMEvalModel(LM):
-    """lm-eval's three request types on a dlm model (DESIGN section 4)."""
+    """lm-eval's three request types on a dlm model (docs/design.md §4)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Run evaluation tasks on a model and collect a results dict (DESIGN section 4).
+"""Run evaluation tasks on a model and collect a results dict (docs/design.md §4).
 
 Result of one task: {"task", "path", "n", "metric", "value", "stderr", "seconds", ...task extras}.
 Multiple choice: metric "acc" (lowest NLL bound wins) plus two length normalisations, named as

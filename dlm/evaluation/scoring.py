@@ -1,6 +1,6 @@
 """Likelihood scorers over token rows `context | continuation`.
 
-Diffusion (DESIGN section 4): the conditional ELBO of the continuation given the context,
+Diffusion (docs/design.md §4): the conditional ELBO of the continuation given the context,
     -log p(cont | ctx) <= E_t [ sum over masked i of CE(out[i-1], x_i) / t ],
 estimated with K stratified t_k = (k + 0.5) / K. Noise is shared by all choices of a question:
 one uniform u[k, j] per (sample k, continuation offset j), position j masked iff u < t_k, drawn

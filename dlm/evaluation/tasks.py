@@ -1,4 +1,4 @@
-"""Task records (published field names, DESIGN section 4) -> text-level evaluation items.
+"""Task records (published field names, docs/design.md §4) -> text-level evaluation items.
 
 Prompt formats follow the lm-evaluation-harness so that numbers are comparable with peers:
 the continuation of a choice is scored given its context, with a single space between them.

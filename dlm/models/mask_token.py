@@ -1,4 +1,4 @@
-"""The `[MASK]` token (DESIGN section 2): a new id appended to the vocabulary, or an existing id.
+"""The `[MASK]` token (docs/design.md §2): a new id appended to the vocabulary, or an existing id.
 
 Appending pads the vocabulary to a multiple of 64 (tensor-core friendly shapes); every new row,
 the padding rows too, is the mean of the original rows, so a fresh `[MASK]` starts as an

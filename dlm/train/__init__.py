@@ -1,2 +1,2 @@
-"""Trainer pieces (DESIGN section 6): config, parallelize, optim, checkpoint, metrics; the loop
+"""Trainer pieces (docs/design.md §6): config, parallelize, optim, checkpoint, metrics; the loop
 itself is `launch/pretrain.py`."""

@@ -1,4 +1,4 @@
-"""Distribution applied from outside the single-device model (DESIGN section 6):
+"""Distribution applied from outside the single-device model (docs/design.md §6):
 
     init_distributed -> build on meta -> apply_ac -> apply_compile -> apply_fsdp -> to_empty
     -> load_weights (one full tensor at a time, each rank keeps only its shard)

@@ -1,4 +1,4 @@
-"""The diffusion objective: t sampling, crops, masking, loss and held-out ELBO (DESIGN section 2)."""
+"""The diffusion objective: t sampling, crops, masking, loss and held-out ELBO (docs/design.md §2)."""
 
 from types import SimpleNamespace
 
