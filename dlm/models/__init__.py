@@ -3,7 +3,8 @@
     model = build_model(preset("gpt2"))            # random init needs model.init_weights(seed)
     with torch.device("meta"): model = build_model(cfg)   # then to_empty + init_weights / load
 
-Presets are the AR originals' shapes (no `[MASK]` yet; see `dlm.models.mask_token`).
+Presets are the AR originals' shapes (no `[MASK]` yet; see `dlm.models.mask_token`). Every
+family meets the contract in `dlm.models.protocol.DiffusionLM`.
 """
 
 from __future__ import annotations
