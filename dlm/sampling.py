@@ -21,6 +21,7 @@ import torch
 from dlm.attention.layout import AttentionLayout
 
 ORDERS = ("random", "confidence", "margin", "entropy")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class SamplingConfig:
     block_size: int = 0
     eos_fill: bool = True  # once EOS is committed, everything after it becomes EOS (rows without suffix)
     seed: int = 0
+    cache: str = "none"  # "prefix" / "dual": reuse keys/values inside a block (approximate, dlm.kv_cache)
+    threshold: float | None = None  # confidence order: also commit every position with p > threshold
+    tokens_per_step: int = 0  # > 0: each block gets ceil(its length / tokens_per_step) steps; steps unused
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -49,6 +53,17 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cache not in CACHES:
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {CACHES}")
+        if self.tokens_per_step < 0:
+            raise ValueError(f"tokens_per_step must be >= 0, got {self.tokens_per_step}")
+        if self.threshold is not None:
+            if not 0.0 < self.threshold <= 1.0:
+                raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+            if self.order != "confidence":
+                raise ValueError(
+                    f"threshold commits by token probability: it needs order 'confidence', not {self.order!r}"
+                )
 
 
 @dataclass
@@ -141,18 +156,124 @@ def choose_tokens(
     return tokens, score
 
 
-def _block_plan(n: int, block_size: int, steps: int) -> list[tuple[int, int, int, int]]:
-    """(lo, hi, first_step, end_step) per block, answer-relative; steps shared out evenly."""
+def _block_plan(n: int, cfg: SamplingConfig) -> list[tuple[int, int, int, int]]:
+    """(lo, hi, first_step, end_step) per block, answer-relative: `steps` shared out evenly, or
+    ceil(block length / tokens_per_step) steps per block."""
     if n == 0:
         return []
-    size = block_size or n
+    size = cfg.block_size or n
     nb = math.ceil(n / size)
-    if steps < nb:
-        raise ValueError(
-            f"{steps} steps cannot decode {nb} blocks ({n} tokens, block size {size}); use at least {nb} steps"
+    spans = [(b * size, min(n, (b + 1) * size)) for b in range(nb)]
+    if cfg.tokens_per_step:
+        bounds = [0]
+        for lo, hi in spans:
+            bounds.append(bounds[-1] + math.ceil((hi - lo) / cfg.tokens_per_step))
+    else:
+        if cfg.steps < nb:
+            raise ValueError(
+                f"{cfg.steps} steps cannot decode {nb} blocks ({n} tokens, block size {size}); use at least {nb} steps"
+            )
+        bounds = [cfg.steps * b // nb for b in range(nb + 1)]
+    return [(lo, hi, bounds[b], bounds[b + 1]) for b, (lo, hi) in enumerate(spans)]
+
+
+class _Schedule:
+    """Which block each row decodes at each step, and how many steps that block has left.
+
+    Static (the exact sampler): block b of a row owns steps [first, end) of its plan, even once
+    it is finished. Dynamic (with a threshold): a finished block hands over at once to the next,
+    which starts its own budget, so easy spans cost fewer steps."""
+
+    def __init__(self, plans: list[list[tuple[int, int, int, int]]], starts: list[int], dynamic: bool):
+        self.plans, self.starts, self.dynamic = plans, starts, dynamic
+        self.block = [0] * len(plans)
+        self.spent = [0] * len(plans)  # steps used in the current block (dynamic)
+        self.total = max((p[-1][3] for p in plans if p), default=0)
+
+    def windows(self, step: int, masked: torch.Tensor | None) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Per row: the active window [lo, hi), its steps left (>= 1) and its block index (-1: done).
+        `masked` (host copy, dynamic only) tells which blocks are finished."""
+        lo: list[int] = []
+        hi: list[int] = []
+        left: list[int] = []
+        idx: list[int] = []
+        for b, plan in enumerate(self.plans):
+            if self.dynamic:
+                assert masked is not None
+                while self.block[b] < len(plan) and not masked[b, self._span(b)].any():
+                    self.block[b] += 1
+                    self.spent[b] = 0
+            else:
+                while self.block[b] < len(plan) and step >= plan[self.block[b]][3]:
+                    self.block[b] += 1
+            k = self.block[b]
+            if k == len(plan):  # the row is done
+                window = (0, 0, 1, -1)
+            else:
+                first, end = plan[k][2], plan[k][3]
+                steps_left = end - first - self.spent[b] if self.dynamic else end - step
+                window = (self.starts[b] + plan[k][0], self.starts[b] + plan[k][1], steps_left, k)
+                self.spent[b] += 1
+            for out, x in zip((lo, hi, left, idx), window):
+                out.append(x)
+        return lo, hi, left, idx
+
+    def _span(self, b: int) -> slice:
+        lo, hi = self.plans[b][self.block[b]][:2]
+        return slice(self.starts[b] + lo, self.starts[b] + hi)
+
+
+class _CachedForward:
+    """Logits of the active positions through a KVCache (dlm.kv_cache): a row is refilled when
+    it enters a new block; in between, only its query window runs. Window per row: from the
+    position before the block (its output predicts the block's first token) to the block's end
+    (dual: stored keys for the suffix too) or to the row's end (prefix)."""
+
+    def __init__(
+        self, model, ids: torch.Tensor, pos: torch.Tensor, layout: AttentionLayout, ends: list[int], mode: str
+    ):
+        from dlm.kv_cache import KVCache
+
+        self.model, self.pos, self.mode = model, pos, mode
+        self.ends = torch.tensor(ends, device=ids.device)  # row lengths without padding
+        self.cache = KVCache(layout, model.config.n_layers)
+        self.causal = layout.causal
+        self.filled = [-1] * ids.shape[0]  # block index each row's stored entries belong to
+
+    def __call__(self, ids: torch.Tensor, r: torch.Tensor, c: torch.Tensor, lo, hi, block) -> torch.Tensor:
+        dev = ids.device
+        rows = sorted(set(r.tolist()))
+        refill = [b for b in rows if self.filled[b] != block[b]]
+        for b in refill:
+            self.filled[b] = block[b]
+        local = torch.full((ids.shape[0],), -1, dtype=torch.long, device=dev)
+        if refill == rows:  # every active row starts a block: the fill pass gives the logits too
+            sel = torch.tensor(rows, device=dev)
+            local[sel] = torch.arange(len(rows), device=dev)
+            return self._forward(ids[sel], self.pos[sel], self.cache.fill(sel), local[r], c - 1)
+        if refill:
+            sel = torch.tensor(refill, device=dev)
+            self._forward(ids[sel], self.pos[sel], self.cache.fill(sel), None, None)
+        sel = torch.tensor(rows, device=dev)
+        local[sel] = torch.arange(len(rows), device=dev)
+        w0 = torch.tensor([lo[b] - 1 for b in rows], device=dev)
+        w1 = torch.tensor([hi[b] for b in rows], device=dev) if self.mode == "dual" else self.ends[sel]
+        width = int((w1 - w0).max())
+        cols = w0[:, None] + torch.arange(width, device=dev)
+        valid = cols < w1[:, None]
+        cols = torch.where(valid, cols, w0[:, None])  # padding entries repeat the first query
+        window = self.cache.window(sel, cols, valid)
+        return self._forward(
+            ids[sel[:, None], cols], self.pos[sel[:, None], cols], window, local[r], c - 1 - w0[local[r]]
         )
-    bounds = [steps * b // nb for b in range(nb + 1)]
-    return [(b * size, min(n, (b + 1) * size), bounds[b], bounds[b + 1]) for b in range(nb)]
+
+    def _forward(self, ids, pos, cache, rows, cols) -> torch.Tensor:
+        layout = AttentionLayout.from_position_ids(pos, causal=self.causal)
+        if rows is None:
+            return self.model(ids, layout, head=lambda hidden, weight: None, cache=cache)
+        return self.model(
+            ids, layout, head=lambda hidden, weight: (hidden[rows, cols] @ weight.t()).float(), cache=cache
+        )
 
 
 @torch.inference_mode()
@@ -202,17 +323,8 @@ def generate(
     eos_rows = torch.tensor(fill_rows, device=device)
     answer = masked.clone()
 
-    # per step and row: the active window [lo, hi) and the steps left in its block
-    plans = [_block_plan(lens[b], cfg.block_size, cfg.steps) for b in range(B)]
-    lo = torch.zeros(cfg.steps, B, dtype=torch.long)
-    hi = torch.zeros(cfg.steps, B, dtype=torch.long)
-    left = torch.ones(cfg.steps, B, dtype=torch.long)
-    for b, plan in enumerate(plans):
-        for blo, bhi, s0, s1 in plan:
-            lo[s0:s1, b] = starts[b] + blo
-            hi[s0:s1, b] = starts[b] + bhi
-            left[s0:s1, b] = torch.arange(s1 - s0, 0, -1)
-    lo, hi, left = lo.to(device), hi.to(device), left.to(device)
+    schedule = _Schedule([_block_plan(n, cfg) for n in lens], starts, dynamic=cfg.threshold is not None)
+    cached = None if cfg.cache == "none" else _CachedForward(model, ids, pos, layout, [len(r) for r in rows], cfg.cache)
 
     forbidden = torch.zeros(mc.vocab_size, dtype=torch.bool, device=device)
     forbidden[mc.base_vocab_size :] = True  # vocabulary padding rows
@@ -220,16 +332,21 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     col = torch.arange(L, device=device)
 
-    for step in range(cfg.steps):
+    for step in range(schedule.total):
         if not masked.any():
             break
-        active = masked & (col >= lo[step][:, None]) & (col < hi[step][:, None])
+        lo_, hi_, left_, block = schedule.windows(step, masked.cpu() if schedule.dynamic else None)
+        lo, hi, left = (torch.tensor(x, device=device) for x in (lo_, hi_, left_))
+        active = masked & (col >= lo[:, None]) & (col < hi[:, None])
         commit = torch.zeros_like(masked)
         if active.any():
             r, c = active.nonzero(as_tuple=True)
-            logits = logits_at(model, ids, layout, r, c - 1)
+            if cached is None:
+                logits = logits_at(model, ids, layout, r, c - 1)
+            else:
+                logits = cached(ids, r, c, lo_, hi_, block)
             tokens, score = choose_tokens(logits.masked_fill(forbidden, float("-inf")), cfg, generator)
-            steps_left = left[step][r]
+            steps_left = left[r]
             if cfg.order == "random":
                 u = torch.rand(r.shape[0], generator=generator, device=device)
                 commit[r, c] = u * steps_left < 1.0  # probability 1 / steps_left
@@ -237,8 +354,12 @@ def generate(
                 full = torch.full((B, L), float("-inf"), device=device)
                 full[r, c] = score
                 rank = torch.argsort(torch.argsort(full, dim=1, descending=True, stable=True), dim=1)
-                k = (active.sum(dim=1) + left[step] - 1) // left[step]  # ceil(n_active / steps_left)
+                k = (active.sum(dim=1) + left - 1) // left  # ceil(n_active / steps_left)
+                if cfg.tokens_per_step:  # the budget is ceil(block / tokens_per_step): this finishes it
+                    k = torch.full_like(k, cfg.tokens_per_step)
                 commit = active & (rank < k[:, None])
+                if cfg.threshold is not None:  # confidence order: score is the token's probability
+                    commit |= active & (full > cfg.threshold)
             new = torch.zeros_like(ids)
             new[r, c] = tokens
             ids = torch.where(commit, new, ids)
@@ -251,8 +372,10 @@ def generate(
             masked &= ~fill
             commit |= fill
         if callback is not None:
-            snap = [x.to("cpu", copy=True) for x in (ids, masked, commit)]  # copies: the loop updates in place
-            callback(StepRecord(step, *snap, starts, lens))
+            ids_, masked_, commit_ = (
+                x.to("cpu", copy=True) for x in (ids, masked, commit)
+            )  # the loop updates in place
+            callback(StepRecord(step, ids_, masked_, commit_, starts, lens))
 
     if masked.any():  # the schedule guarantees this never happens; fail loudly if it does
         raise RuntimeError("masked positions remain after the last step")
@@ -265,6 +388,7 @@ def generate(
 
 
 __all__ = [
+    "CACHES",
     "ORDERS",
     "Request",
     "Sample",

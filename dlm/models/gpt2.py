@@ -13,6 +13,7 @@ from torch import nn
 
 from dlm.attention import attend
 from dlm.attention.layout import AttentionLayout
+from dlm.kv_cache import KVCache, LayerKV
 from dlm.models.config import ModelConfig
 
 
@@ -23,10 +24,13 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim)  # HF c_attn (transposed)
         self.wo = nn.Linear(cfg.dim, cfg.dim)  # HF c_proj
 
-    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, kv: LayerKV | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = (t.view(B, L, self.cfg.n_heads, -1).transpose(1, 2) for t in self.wqkv(x).split(D, dim=-1))
-        out = attend(q, k, v, layout, backend=self.cfg.attn_backend)
+        if kv is None:
+            out = attend(q, k, v, layout, backend=self.cfg.attn_backend)
+        else:
+            out = kv.attend(q, k, v, layout, backend=self.cfg.attn_backend)
         return self.wo(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -48,8 +52,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # HF ln_2
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), layout)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), layout, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -73,15 +77,17 @@ class GPT2(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, head=None):
-        """Logits [B, L, V], or `head(hidden, output_weight)` so a fused loss never builds them."""
+    def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, head=None, cache: KVCache | None = None):
+        """Logits [B, L, V], or `head(hidden, output_weight)` so a fused loss never builds them.
+        `cache` (sampling, dlm.kv_cache): attention reads and writes stored keys/values; in a
+        window pass `input_ids` and `layout.position_ids` hold only the query positions."""
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {input_ids.shape[1]} exceeds GPT-2's {self.config.max_seq_len} learned positions"
             )
         h = self.tok_embeddings(input_ids) + self.pos_embeddings(layout.position_ids)
-        for layer in self.layers:
-            h = layer(h, layout)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, layout, None if cache is None else cache.layer(i))
         h = self.norm(h)
         if head is not None:
             return head(h, self.output_weight())

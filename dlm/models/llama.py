@@ -15,6 +15,7 @@ from torch import nn
 
 from dlm.attention import attend
 from dlm.attention.layout import AttentionLayout
+from dlm.kv_cache import KVCache, LayerKV
 from dlm.models.config import ModelConfig
 
 
@@ -62,14 +63,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout, kv: LayerKV | None = None
+    ) -> torch.Tensor:
         B, L, _ = x.shape
         hd = self.cfg.head_dim
         q = self.wq(x).view(B, L, -1, hd).transpose(1, 2)
         k = self.wk(x).view(B, L, -1, hd).transpose(1, 2)
         v = self.wv(x).view(B, L, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, layout, backend=self.cfg.attn_backend)
+        if kv is None:
+            out = attend(q, k, v, layout, backend=self.cfg.attn_backend)
+        else:
+            out = kv.attend(q, k, v, layout, backend=self.cfg.attn_backend)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -94,8 +100,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, layout)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout, kv: LayerKV | None = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, layout, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -115,12 +123,14 @@ class Llama(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, head=None):
-        """Logits [B, L, V], or `head(hidden, output_weight)` so a fused loss never builds them."""
+    def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, head=None, cache: KVCache | None = None):
+        """Logits [B, L, V], or `head(hidden, output_weight)` so a fused loss never builds them.
+        `cache` (sampling, dlm.kv_cache): attention reads and writes stored keys/values; in a
+        window pass `input_ids` and `layout.position_ids` hold only the query positions."""
         h = self.tok_embeddings(input_ids)
         cos, sin = rope_cos_sin(layout.position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, layout)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layout, None if cache is None else cache.layer(i))
         h = self.norm(h)
         if head is not None:
             return head(h, self.output_weight())

@@ -133,7 +133,7 @@ def test_scored_orders_commit_their_top_positions(order):
     }[order]
     n, steps = 12, 5
     cfg = SamplingConfig(steps=steps, length=n, order=order, temperature=0.0)
-    out, records = _run(model, [Request([BOS, 2])], cfg)
+    _, records = _run(model, [Request([BOS, 2])], cfg)
     masked = torch.zeros(2 + n, dtype=torch.bool)
     masked[2:] = True
     for i, rec in enumerate(records):
