@@ -181,7 +181,7 @@ class SlurmCluster:
         ]
         for n in self.nodes:
             lines.append(
-                f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN"
+                f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} RealMemory=16000 State=UNKNOWN"
             )
         nodes = ",".join(self.nodes)
         lines += [
