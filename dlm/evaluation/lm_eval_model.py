@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -82,9 +83,10 @@ class DLMEvalModel(LM):
             raise ValueError(
                 f"device {device!r} was asked for (lm-eval's default) but CUDA is not available: pass --device cpu"
             )
-        self.model = load_model(path, ar=self.ar, device=device, dtype=dtype)
+        model: Any = load_model(path, ar=self.ar, device=device, dtype=dtype)  # a dlm model (duck-typed config)
+        self.model = model
         self.tok = find_tokenizer(path, tokenizer)
-        self.max_len = int(self.model.config.max_seq_len)
+        self.max_len = int(model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.cfg = EvalConfig(
             ar=self.ar,
