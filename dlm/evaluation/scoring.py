@@ -1,17 +1,27 @@
 """Likelihood scorers over token rows `context | continuation`.
 
-Diffusion (docs/design.md §4): the conditional ELBO of the continuation given the context,
-    -log p(cont | ctx) <= E_t [ sum over masked i of CE(out[i-1], x_i) / t ],
-estimated with K stratified t_k = (k + 0.5) / K. Noise is shared by all choices of a question:
-one uniform u[k, j] per (sample k, continuation offset j), position j masked iff u < t_k, drawn
-from a generator keyed by (seed, question index), so the estimate of a question does not depend
-on batching or --limit. The context is never masked.
+Diffusion (docs/design.md §4): the conditional ELBO of the n-token continuation given the context,
+    -log p(cont | ctx) <= E_t [ sum over masked i of CE(out[i-1], x_i) / t ]        (t ~ U(0, 1])
+                        = E_l [ n / l * sum over masked i of CE(out[i-1], x_i) ]    (l ~ U{1..n},
+                          exactly l of the n tokens masked, uniformly),
+the same bound (sum over mask sets M of (|M|-1)!(n-|M|)!/n! * CE(M), `exact_elbo_nll`). K
+Monte-Carlo samples estimate it:
+  "count" (LLaDA's form, the default): l_k = floor((k + u0) / K * n) + 1, stratified over 1..n;
+          weights n / l are at most n, so the estimate has far less variance;
+  "ratio" (the time form): t_k = (k + 0.5) / K, each token masked iff u < t_k, weight 1 / t_k,
+          up to 2K at the smallest t, which makes a heavy tail.
+Noise is shared by all choices of a question: one uniform u[k, j] per (sample k, continuation
+offset j) (the "count" form masks the l offsets with the smallest u) and one u0, drawn from a
+generator keyed by (seed, question index), so the estimate of a question does not depend on
+batching or --limit. The context is never masked.
 
 AR: the exact log-likelihood under the causal layout, on the same rows.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,6 +34,7 @@ from dlm.sampling import logits_at, pad_rows
 Pair = tuple[list[int], list[int]]  # (context ids incl. BOS, continuation ids)
 
 _GOLDEN = 0x9E3779B97F4A7C15
+ESTIMATORS = ("count", "ratio")
 
 
 def question_generator(seed: int, index: int) -> torch.Generator:
@@ -66,6 +77,67 @@ def _chunks(jobs: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def mask_draws(estimator: str, u: torch.Tensor, u0: float, n: int) -> list[tuple[list[int], float]]:
+    """Per Monte-Carlo sample k of K = len(u): (masked continuation offsets, weight), such that
+    the sum over k of weight * (summed CE of the masked tokens) estimates the ELBO bound of an
+    n-token continuation. `u` [K, >= n] and `u0` are the question's shared noise."""
+    K = u.shape[0]
+    if estimator == "ratio":
+        return [((u[k, :n] < (k + 0.5) / K).nonzero().flatten().tolist(), 1.0 / ((k + 0.5) / K * K)) for k in range(K)]
+    if estimator != "count":
+        raise ValueError(f"unknown ELBO estimator {estimator!r}; choose one of {ESTIMATORS}")
+    order = u[:, :n].argsort(dim=1)  # a random order of the offsets per sample, shared by the choices
+    draws = []
+    for k in range(K):
+        count = min(n, int((k + u0) / K * n) + 1)
+        draws.append((sorted(order[k, :count].tolist()), n / (count * K)))
+    return draws
+
+
+def _noise(seed: int, q: int, K: int, width: int) -> tuple[torch.Tensor, float]:
+    g = question_generator(seed, q)
+    u = torch.rand(K, width, generator=g)
+    return u, float(torch.rand(1, generator=g))
+
+
+def _check_diffusion(model) -> int:
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise ValueError(
+            "ELBO scoring needs a diffusion model (config.mask_token_id is None); use --ar for an AR model"
+        )
+    return mask_id
+
+
+def _weighted_nll(
+    model, jobs: Iterator[tuple], scores: list[list[float]], batch_size: int, bar, stats: dict | None
+) -> None:
+    """Forward (q, j, weight, noisy row, positions, targets) jobs in batches; add weight * summed
+    CE to scores[q][j]."""
+    causal = model.config.attention == "causal"  # attend as the model was trained (normally bidirectional)
+    for batch in _chunks(jobs, batch_size):
+        inputs, positions, targets = ([b[i] for b in batch] for i in (3, 4, 5))
+        nll, _, r = _forward_targets(model, inputs, positions, targets, causal=causal, ar=False)
+        per_row = (
+            torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
+        )
+        for (q, j, w, *_), s in zip(batch, per_row):
+            scores[q][j] += s * w
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + sum(map(len, inputs))
+        if bar is not None:
+            bar.update(len(batch))
+
+
+def _masked_row(
+    mask_id: int, ctx: list[int], cont: list[int], hit: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    noisy = ctx + list(cont)
+    for m in hit:
+        noisy[len(ctx) + m] = mask_id
+    return noisy, [len(ctx) + m for m in hit], [cont[m] for m in hit]
+
+
 @torch.inference_mode()
 def elbo_nll(
     model,
@@ -75,56 +147,65 @@ def elbo_nll(
     batch_size: int,
     progress: bool = False,
     stats: dict | None = None,
+    estimator: str = "count",
 ) -> list[list[float]]:
-    """ELBO bound on -log p(continuation | context) in nats, per question and choice.
+    """ELBO bound on -log p(continuation | context) in nats, per question and choice, estimated
+    with `num_samples` draws of `estimator` (see the module docstring).
     `stats["tokens"]` accumulates the unpadded tokens forwarded."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    mask_id = model.config.mask_token_id
-    if mask_id is None:
-        raise ValueError(
-            "ELBO scoring needs a diffusion model (config.mask_token_id is None); use --ar for an AR model"
-        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown ELBO estimator {estimator!r}; choose one of {ESTIMATORS}")
+    mask_id = _check_diffusion(model)
     K = num_samples
-    causal = model.config.attention == "causal"  # attend as the model was trained (normally bidirectional)
     scores = [[0.0] * len(choices) for choices in questions]
 
-    def draws(q: int, choices: Sequence[Pair]) -> torch.Tensor:
-        width = max(len(cont) for _, cont in choices)
-        return torch.rand(K, width, generator=question_generator(seed, q))
+    def plans():
+        for q, choices in enumerate(questions):
+            u, u0 = _noise(seed, q, K, max(len(cont) for _, cont in choices))
+            yield q, choices, [mask_draws(estimator, u, u0, len(cont)) for _, cont in choices]
+
+    def jobs():
+        for q, choices, draws in plans():
+            for k in range(K):
+                for j, (ctx, cont) in enumerate(choices):
+                    hit, w = draws[j][k]
+                    if hit:  # nothing masked: this draw contributes 0 to the estimate
+                        yield (q, j, w, *_masked_row(mask_id, ctx, cont, hit))
+
+    # the bar counts rows actually forwarded: draws that mask nothing are skipped
+    total = sum(1 for _, _, draws in plans() for d in draws for hit, _ in d if hit) if progress else 0
+    bar = tqdm(total=total, desc="elbo", unit="row", disable=not progress, dynamic_ncols=True)
+    _weighted_nll(model, jobs(), scores, batch_size, bar, stats)
+    bar.close()
+    return scores
+
+
+MAX_EXACT_TOKENS = 12
+
+
+@torch.inference_mode()
+def exact_elbo_nll(model, questions: Sequence[Sequence[Pair]], batch_size: int) -> list[list[float]]:
+    """The ELBO bound itself, every mask set of the continuation enumerated (2^n - 1 rows for n
+    tokens, so n <= MAX_EXACT_TOKENS): the oracle the Monte-Carlo estimators are measured against."""
+    mask_id = _check_diffusion(model)
+    scores = [[0.0] * len(choices) for choices in questions]
 
     def jobs():
         for q, choices in enumerate(questions):
-            u = draws(q, choices)
-            for k in range(K):
-                t = (k + 0.5) / K
-                for j, (ctx, cont) in enumerate(choices):
-                    hit = (u[k, : len(cont)] < t).nonzero().flatten().tolist()
-                    if hit:  # nothing masked: this draw contributes 0 to the estimate
-                        noisy = ctx + list(cont)
-                        for m in hit:
-                            noisy[len(ctx) + m] = mask_id
-                        yield q, j, t, noisy, [len(ctx) + m for m in hit], [cont[m] for m in hit]
+            for j, (ctx, cont) in enumerate(choices):
+                n = len(cont)
+                if n > MAX_EXACT_TOKENS:
+                    raise ValueError(
+                        f"question {q} choice {j}: exact enumeration of a {n}-token continuation needs "
+                        f"2^{n} rows; at most {MAX_EXACT_TOKENS} tokens"
+                    )
+                for m in range(1, n + 1):
+                    w = math.factorial(m - 1) * math.factorial(n - m) / math.factorial(n)
+                    for hit in itertools.combinations(range(n), m):
+                        yield (q, j, w, *_masked_row(mask_id, ctx, cont, list(hit)))
 
-    # the bar counts rows actually forwarded: draws that mask nothing are skipped
-    thresholds = torch.tensor([(k + 0.5) / K for k in range(K)]).unsqueeze(1)
-    total = 0
-    for q, choices in enumerate(questions):
-        u = draws(q, choices)
-        total += sum(int((u[:, : len(cont)] < thresholds).any(1).sum()) for _, cont in choices)
-    bar = tqdm(total=total, desc="elbo", unit="row", disable=not progress, dynamic_ncols=True)
-    for batch in _chunks(jobs(), batch_size):
-        inputs, positions, targets = ([b[i] for b in batch] for i in (3, 4, 5))
-        nll, _, r = _forward_targets(model, inputs, positions, targets, causal=causal, ar=False)
-        per_row = (
-            torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, r, nll.double()).tolist()
-        )
-        for (q, j, t, *_), s in zip(batch, per_row):
-            scores[q][j] += s / t / K
-        if stats is not None:
-            stats["tokens"] = stats.get("tokens", 0) + sum(map(len, inputs))
-        bar.update(len(batch))
-    bar.close()
+    _weighted_nll(model, jobs(), scores, batch_size, None, None)
     return scores
 
 

@@ -93,8 +93,11 @@ def test_elbo_single_token_is_the_weighted_ce():
     ce = F.cross_entropy(logits[0, 3:4].double(), torch.tensor(cont)).item()
     u = torch.rand(K, 1, generator=question_generator(5, 0))[:, 0]
     weight = sum(1.0 / ((k + 0.5) / K) for k in range(K) if u[k] < (k + 0.5) / K) / K
-    got = elbo_nll(model, [[(ctx, cont)]], num_samples=K, seed=5, batch_size=4)[0][0]
+    got = elbo_nll(model, [[(ctx, cont)]], num_samples=K, seed=5, batch_size=4, estimator="ratio")[0][0]
     assert weight > 0 and got == pytest.approx(ce * weight, rel=1e-5)
+    # the default "count" form masks the one token in every sample with weight 1: exactly CE
+    count = elbo_nll(model, [[(ctx, cont)]], num_samples=K, seed=5, batch_size=4)[0][0]
+    assert count == pytest.approx(ce, rel=1e-5)
 
 
 def _brute_force_loglik(model, ctx: list[int], cont: list[int]) -> float:
