@@ -13,13 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dlm.train.parallelize import free_port
-from launch import pretrain
-
-from .conftest import TINY_CONFIG
+from .inprocess import run_pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIM = str(Path(torch.optim.__file__).parent)
@@ -66,48 +64,38 @@ class SyncCounter(TorchDispatchMode):
 
 
 def _count(monkeypatch, run_dir, steps: int, store) -> SyncCounter:
-    with monkeypatch.context() as mp:
-        return _run_counted(mp, run_dir, steps, store)
-
-
-def _run_counted(monkeypatch, run_dir, steps: int, store) -> SyncCounter:
     counter = SyncCounter()
-    for name in ("tolist", "cpu", "numpy"):
-        orig = getattr(torch.Tensor, name)
+    with monkeypatch.context() as mp:
+        for name in ("tolist", "cpu", "numpy"):
+            orig = getattr(torch.Tensor, name)
 
-        def wrapped(self, *a, _orig=orig, _name=name, **k):
-            counter._hit(_name)
-            return _orig(self, *a, **k)
+            def wrapped(self, *a, _orig=orig, _name=name, **k):
+                counter._hit(_name)
+                return _orig(self, *a, **k)
 
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: counter._hit("cuda.synchronize"))
-    for key, value in dict(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
-    ).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    argv = ["--config", str(TINY_CONFIG)]
-    for k, v in {
-        "data.paths": str(store),
-        "data.seq_len": 32,
-        "train.run_dir": str(run_dir),
-        "train.steps": steps,
-        "train.global_batch_size": 4,
-        "train.micro_batch_size": 2,
-        "checkpoint.interval": 0,
-        "checkpoint.export_at_end": "false",
-        "metrics.log_every": 1000,
-        "metrics.tensorboard": "false",
-        "diffusion.random_length_prob": 0.5,
-        # the dense reference stands in for the CUDA kernels, which read only layout.max_seqlen
-        "model.attn_backend": "sdpa",
-    }.items():
-        argv += [f"--{k}", str(v)]
-    with counter:
-        assert pretrain.main(argv) == 0
+            mp.setattr(torch.Tensor, name, wrapped)
+        mp.setattr(torch.cuda, "synchronize", lambda *a, **k: counter._hit("cuda.synchronize"))
+        overrides = {
+            "data.paths": str(store),
+            "data.seq_len": 32,
+            "train.run_dir": str(run_dir),
+            "train.steps": steps,
+            "train.global_batch_size": 4,
+            "train.micro_batch_size": 2,
+            "checkpoint.interval": 0,
+            "checkpoint.export_at_end": False,
+            "metrics.log_every": 1000,
+            "metrics.tensorboard": False,
+            "diffusion.random_length_prob": 0.5,
+            # the dense reference stands in for the CUDA kernels, which read only layout.max_seqlen
+            "model.attn_backend": "sdpa",
+        }
+        with counter:
+            run_pretrain(mp, overrides)
     return counter
 
 
+@pytest.mark.slow  # three short training runs
 def test_host_syncs_per_step(monkeypatch, store, tmp_path):
     """Two micro-batches per step; random crops on. The figure is printed for the record."""
     _count(monkeypatch, tmp_path / "warm", 1, store)  # builds the data index once
