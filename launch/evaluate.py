@@ -45,7 +45,8 @@ from dlm.evaluation.loading import (
     train_state,
 )
 from dlm.evaluation.runner import SAMPLES_FORMAT, EvalConfig, evaluate, task_paths
-from dlm.sampling import ORDERS
+from dlm.evaluation.scoring import ESTIMATORS
+from dlm.sampling import CACHES, ORDERS
 
 
 def _train_seq_len(model_path: str) -> int | None:
@@ -78,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
         "--allow-unadapted", action="store_true", help="score a plain AR folder as a diffusion model anyway"
     )
     ap.add_argument("--num-samples", type=int, default=128, help="K Monte-Carlo samples of the ELBO")
+    ap.add_argument(
+        "--estimator", choices=ESTIMATORS, default="count", help="ELBO estimator: count (LLaDA form) or ratio (1/t)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N records (held-out text: documents) per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
@@ -86,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--order", choices=ORDERS, default="confidence")
     ap.add_argument("--block-size", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--cache", choices=CACHES, default="none", help="generation: key/value reuse within blocks")
+    ap.add_argument("--threshold", type=float, default=None, help="generation: also commit positions with p > it")
+    ap.add_argument("--tokens-per-step", type=int, default=0, help="generation: fixed tokens per step")
     ap.add_argument(
         "--sep-id", type=int, default=None, help="after SFT: prompt = [BOS] question [SEP] (default: the run's)"
     )
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvalConfig(
         ar=args.ar,
         num_samples=args.num_samples,
+        estimator=args.estimator,
         seed=args.seed,
         limit=args.limit,
         batch_size=args.batch_size,
@@ -131,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         order=args.order,
         block_size=args.block_size,
         temperature=args.temperature,
+        cache=args.cache,
+        threshold=args.threshold,
+        tokens_per_step=args.tokens_per_step,
         sep_id=args.sep_id if args.sep_id is not None else (sft.sep_id if sft else None),
         pad_id=args.pad_id if args.pad_id is not None else (sft.pad_id if sft else None),
         seq_len=seq_len,
@@ -160,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             sample_lines.extend(json.dumps(head | {"key": key} | s) + "\n" for s in samples)
             write(args.samples, "".join(sample_lines), done)
 
+    if not args.ar:  # the settings behind every number below (also under "settings" in the JSON)
+        print(
+            f"scoring: ELBO estimator {cfg.estimator}, K={cfg.num_samples} | generation: order {cfg.order}, "
+            f"steps {cfg.steps or 'one per token'}, block {cfg.block_size or 'whole answer'}, cache {cfg.cache}, "
+            f"threshold {cfg.threshold}, tokens/step {cfg.tokens_per_step or 'from steps'}",
+            flush=True,
+        )
     results = evaluate(model, tok, tasks, cfg, meta=meta, on_task=on_task)
     if args.out:
         print(f"wrote {args.out}")

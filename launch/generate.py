@@ -44,7 +44,7 @@ from dlm.evaluation.loading import (
 )
 from dlm.evaluation.runner import with_start
 from dlm.evaluation.scoring import ar_generate
-from dlm.sampling import ORDERS, Request, SamplingConfig, StepRecord, generate
+from dlm.sampling import CACHES, ORDERS, Request, SamplingConfig, StepRecord, generate
 
 MASK_GLYPH = "░"
 
@@ -109,8 +109,18 @@ def diffusion_tokens(model, tok, requests: list[Request], cfg: SamplingConfig, a
     for b0 in range(0, len(requests), args.batch_size):
         batch = requests[b0 : b0 + args.batch_size]
 
-        def on_step(rec: StepRecord, b0=b0, batch=batch) -> None:
+        shown = [0] * len(batch)  # --stream: answer tokens already printed per row
+
+        def on_step(rec: StepRecord, b0=b0, batch=batch, shown=shown) -> None:
             bar.update(len(batch))
+            if args.stream:
+                for i in range(len(batch)):
+                    lo, n = rec.answer_start[i], rec.answer_len[i]
+                    left = rec.masked[i, lo : lo + n].tolist()
+                    done = left.index(True) if True in left else n  # committed from the left
+                    if done > shown[i]:
+                        emit(f"[{b0 + i}] +{tok.decode(rec.ids[i, lo + shown[i] : lo + done].tolist())!r}")
+                        shown[i] = done
             if args.show_steps:
                 for i in range(len(batch)):
                     lo, n = rec.answer_start[i], rec.answer_len[i]
@@ -174,6 +184,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--block-size", type=int, default=0, help="semi-autoregressive block size (0 = one block)")
     ap.add_argument("--no-eos-fill", action="store_true", help="do not fill the rest with EOS once EOS is committed")
+    ap.add_argument(
+        "--cache",
+        choices=CACHES,
+        default="none",
+        help="reuse keys/values within each block (approximate; use with --block-size)",
+    )
+    ap.add_argument("--threshold", type=float, default=None, help="also commit every position with p > threshold")
+    ap.add_argument("--tokens-per-step", type=int, default=0, help="fixed tokens per step per block (replaces --steps)")
+    ap.add_argument("--stream", action="store_true", help="print each row's text as its left part gets committed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--show-steps", action="store_true", help="print the denoising trajectory")
@@ -191,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("use --prompt or --prompts-file, not both")
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
-    if args.ar and (args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.show_steps):
+    if args.ar and (args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.show_steps or args.stream):
         ap.error(
-            "--ar decodes greedily: sampling options (--temperature, --top-k, --top-p) and --show-steps do not apply"
+            "--ar decodes greedily: sampling options (--temperature, --top-k, --top-p), --show-steps and --stream "
+            "do not apply"
         )
     if args.ar and args.num_samples > 1:
         ap.error("--ar is greedy, so every sample of a prompt is the same: use --num-samples 1")
@@ -225,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size,
         eos_fill=not args.no_eos_fill,
         seed=args.seed,
+        cache=args.cache,
+        threshold=args.threshold,
+        tokens_per_step=args.tokens_per_step,
     )
     if args.ar:
         _, eos = special_ids(model, tok)

@@ -43,6 +43,7 @@ TaskOutput = tuple[dict, list[dict]]  # (aggregate result, per-sample records)
 class EvalConfig:
     ar: bool = False  # score the model as an AR model (causal layout, exact likelihood)
     num_samples: int = 128  # K, Monte-Carlo samples of the ELBO
+    estimator: str = "count"  # ELBO estimator, dlm.evaluation.scoring.ESTIMATORS
     seed: int = 0
     limit: int | None = None  # first N records of each task
     batch_size: int = 32
@@ -51,6 +52,9 @@ class EvalConfig:
     order: str = "confidence"
     block_size: int = 0
     temperature: float = 0.0
+    cache: str = "none"  # generation: key/value reuse within blocks (dlm.sampling.CACHES)
+    threshold: float | None = None  # generation: also commit positions with p > threshold
+    tokens_per_step: int = 0  # generation: fixed tokens per step (replaces steps)
     sep_id: int | None = None  # GSM8K after SFT: [BOS] question [SEP] is the prompt
     pad_id: int | None = None  # SFT layout: generation is also cut at the first PAD
     seq_len: int = 1024  # held-out rows
@@ -115,7 +119,16 @@ def eval_choice(model, tok, items: list[MultipleChoice], cfg: EvalConfig) -> Tas
             nll.append(nll_flat[i : i + len(q)])
             i += len(q)
     else:
-        nll = elbo_nll(model, questions, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.progress, stats=stats)
+        nll = elbo_nll(
+            model,
+            questions,
+            cfg.num_samples,
+            cfg.seed,
+            cfg.batch_size,
+            cfg.progress,
+            stats=stats,
+            estimator=cfg.estimator,
+        )
     rate = _rate(stats, time.time() - t0)
     hits: dict[str, list[bool]] = {"acc": [], "acc_norm": [], "acc_bytes": []}
     samples = []
@@ -167,6 +180,9 @@ def diffusion_fill(model, requests: list[Request], cfg: EvalConfig, eos_fill: bo
             block_size=cfg.block_size,
             eos_fill=eos_fill,
             seed=cfg.seed,
+            cache=cfg.cache,
+            threshold=cfg.threshold,
+            tokens_per_step=cfg.tokens_per_step,
         )
         for s in range(0, len(idx), cfg.batch_size):
             chunk = idx[s : s + cfg.batch_size]
