@@ -26,6 +26,7 @@ from dlm.kernels.masking import mask_tokens, philox4x32, uniform24
 
 __all__ = [
     "DiffusionConfig",
+    "DiffusionSettings",
     "LossOutput",
     "NoisedBatch",
     "crop",
@@ -44,8 +45,10 @@ LossNorm = Literal["eligible", "masked"]
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
-    mask_token_id: int
+class DiffusionSettings:
+    """What a run configures (a training config's `[diffusion]` section): everything but the
+    [MASK] id, which comes from the model."""
+
     eps: float = 1e-3
     low_discrepancy: bool = True
     loss_norm: LossNorm = "eligible"
@@ -54,8 +57,6 @@ class DiffusionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mask_token_id < 0:
-            raise ValueError(f"DiffusionConfig.mask_token_id must be >= 0, got {self.mask_token_id}")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"DiffusionConfig.eps must be in (0, 1), got {self.eps}")
         if self.loss_norm not in ("eligible", "masked"):
@@ -66,6 +67,18 @@ class DiffusionConfig:
             raise ValueError(f"DiffusionConfig.anneal_steps must be >= 0, got {self.anneal_steps}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"DiffusionConfig.seed must be in [0, 2**63), got {self.seed}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig(DiffusionSettings):
+    """The settings and the model's [MASK] id: what the objective's functions take."""
+
+    mask_token_id: int
+
+    def __post_init__(self) -> None:
+        if self.mask_token_id < 0:
+            raise ValueError(f"DiffusionConfig.mask_token_id must be >= 0, got {self.mask_token_id}")
+        super().__post_init__()
 
 
 def _draw(counter: torch.Tensor, stream: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,10 @@ class Blend:
             self._rank.append(counts[i])
             counts[i] += 1
         if counts != self.weights:  # the greedy rule realises the weights exactly over one period
-            raise AssertionError(f"blending period broken for weights {self.weights}: {counts}")
+            raise ValueError(
+                f"source weights {weights} (as integers {self.weights}) are not realised exactly by one "
+                f"blending period (got {counts})"
+            )
 
     def locate(self, k: int) -> tuple[int, int]:
         p, r = divmod(k, self.period)

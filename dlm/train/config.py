@@ -20,6 +20,7 @@ from typing import Any, Literal
 import tomllib
 
 from dlm.atomic import atomic_write_text
+from dlm.diffusion import DiffusionSettings
 from dlm.models.config import ModelConfig
 
 
@@ -49,18 +50,6 @@ class DataSection:
     num_workers: int = 0
     heldout_fraction: float = 0.001  # tail of each store reserved for evaluation (never trained on)
     allow_changed_index: bool = False  # resume even if the data index fingerprint changed
-
-
-@dataclass
-class DiffusionSection:
-    """dlm.diffusion.DiffusionConfig without the mask id, which comes from the model."""
-
-    eps: float = 1e-3
-    low_discrepancy: bool = True
-    loss_norm: Literal["eligible", "masked"] = "eligible"
-    random_length_prob: float = 0.01
-    anneal_steps: int = 0
-    seed: int = 0
 
 
 @dataclass
@@ -150,7 +139,7 @@ class MetricsSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -227,7 +216,10 @@ def _build(raw: dict, source: str) -> TrainConfig:
         if bad:
             raise ConfigError(f"{source}: unknown key(s) {sorted(f'{name}.{k}' for k in bad)}")
         kwargs = {k: _check_type(v, hints[k], f"{source}: {name}.{k}") for k, v in values.items()}
-        built[name] = cls(**kwargs)
+        try:
+            built[name] = cls(**kwargs)
+        except ValueError as e:  # a section's own validation (e.g. DiffusionSettings)
+            raise ConfigError(f"{source}: [{name}] {e}") from e
     return TrainConfig(**built)
 
 
