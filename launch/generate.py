@@ -42,6 +42,7 @@ from dlm.evaluation.loading import (
     sft_layout,
     special_ids,
 )
+from dlm.evaluation.readers import read_json_records
 from dlm.evaluation.runner import with_start
 from dlm.evaluation.scoring import ar_generate
 from dlm.sampling import CACHES, ORDERS, Request, SamplingConfig, StepRecord, generate
@@ -53,21 +54,14 @@ def read_prompts(args) -> list[tuple[str, str]]:
     """(prompt, suffix) pairs from the command line or --prompts-file."""
     if args.prompts_file:
         path = Path(args.prompts_file)
-        lines = path.read_text(encoding="utf-8").splitlines()
-        out = []
-        for n, line in enumerate(lines, start=1):
-            if path.suffix == ".jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt", ""), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string 'prompt' (and optional 'suffix')")
+        if path.suffix == ".jsonl":
+            out = []
+            for where, rec in read_json_records(path):
+                if not isinstance(rec.get("prompt", ""), str):
+                    raise ValueError(f"{where}: expected a string 'prompt' (and optional 'suffix')")
                 out.append((rec.get("prompt", ""), rec.get("suffix", args.suffix or "")))
-            else:
-                out.append((line, args.suffix or ""))
+        else:
+            out = [(line, args.suffix or "") for line in path.read_text(encoding="utf-8").splitlines()]
         if not out:
             raise ValueError(f"{path}: no prompts")
         return out

@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 Record = tuple[str, dict]  # (where, fields)
 
 
-def _read_json(path: Path) -> list[Record]:
+def read_json_records(path: Path) -> list[Record]:
+    """The objects of a JSON lines file (blank lines skipped) or of one JSON array, each with
+    its `where`; malformed JSON or a non-object is a ValueError naming file and line."""
     if path.suffix == ".gz":
         with gzip.open(path, "rt", encoding="utf-8") as f:
             text = f.read()
@@ -103,7 +105,7 @@ def read_records(path: str | Path) -> list[Record]:
         )
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
     if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
-        return _read_json(path)
+        return read_json_records(path)
     if suffix == ".parquet":
         return _table_records(pq.read_table(path), str(path))
     if suffix == ".arrow":
