@@ -77,3 +77,20 @@ def _unlocked(run_dir: Path) -> bool:
         return True
     except RunLockedError:
         return False
+
+
+def test_damaged_newest_checkpoint_is_named_and_skipped(torchrun, tmp_path):
+    """Garbage bytes of the same size in one shard of the newest checkpoint: both ranks agree it
+    is damaged (each hashes a share of the files), it is moved aside with a warning naming path
+    and step, and the run resumes from the previous one."""
+    run_dir = tmp_path / "run"
+    shape = {**SHAPE, "checkpoint.interval": 4, "checkpoint.keep_last": 3, "checkpoint.export_at_end": False}
+    torchrun.run(2, torchrun.args(run_dir, **{**shape, "train.steps": 8}), tmp_path / "log1")
+    newest = run_dir / "checkpoints" / "step_00000008"
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(bytes(shard.stat().st_size))
+    torchrun.run(2, torchrun.args(run_dir, **{**shape, "train.steps": 10}), tmp_path / "log2")
+    log = (tmp_path / "log2").read_text()
+    assert f"checkpoint {newest} (step 8) is damaged: {shard.name} does not match its recorded sha256" in log, log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in log
+    assert (run_dir / "checkpoints" / "step_00000008.damaged").is_dir() and (newest / COMPLETE).is_file()
