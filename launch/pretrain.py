@@ -22,6 +22,7 @@ workers get SIGTERM when their torchrun dies.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -47,13 +48,15 @@ from dlm.sft import ARObjective
 from dlm.tokenizer import load_tokenizer
 from dlm.train.checkpoint import Checkpointer, export_checkpoint
 from dlm.train.config import ConfigError, TrainConfig, check_world, load_config, save_config
-from dlm.train.log import logger, setup_logging
+from dlm.train.log import setup_logging
 from dlm.train.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from dlm.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from dlm.train.parallelize import DistEnv, apply_ac, apply_compile, apply_fsdp, init_distributed, load_weights
 from dlm.train.runlock import RunLock, RunLockedError, die_with_launcher
 from dlm.train.step import DiffusionObjective, Objective, StepStats, read_stats, train_step
 from dlm.train.weights import WeightSource, weight_source
+
+logger = logging.getLogger("dlm.pretrain")  # __name__ is "__main__" under torchrun
 
 STOPPED = "STOPPED"  # in the run folder: the last run checkpointed on a signal (cleared at start)
 

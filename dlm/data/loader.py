@@ -17,7 +17,7 @@ import torch
 
 from .dataset import PackedDataset
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def check_resume(state: DataState, dataset: PackedDataset, allow_changed: bool =
                 msg + ". Resuming would not continue the same sample sequence; to resume anyway, set "
                 "data.allow_changed_index = true in the config (or pass --data.allow_changed_index true)"
             )
-        log.warning("%s; resuming at sample %d anyway (allow_changed)", msg, state.consumed_samples)
+        logger.warning("%s; resuming at sample %d anyway (allow_changed)", msg, state.consumed_samples)
     return state.consumed_samples
 
 

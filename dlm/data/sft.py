@@ -31,7 +31,7 @@ import torch
 from dlm.evaluation.readers import read_records
 from dlm.sft import SFTFormat, collate_sft, example_parts, pack_row
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 FORMATS = ("gsm8k", "instruction", "fields")
 
@@ -116,7 +116,7 @@ class SFTDataset:
         if not self.parts:
             raise ValueError(f"SFT data {list(map(str, paths))}: no example fits seq_len {fmt.seq_len}")
         if self.skipped:
-            log.warning(
+            logger.warning(
                 "SFT data: skipped %d of %d examples longer than seq_len %d (overlong = 'skip')",
                 self.skipped,
                 self.skipped + len(self.parts),

@@ -19,6 +19,7 @@ DCP stores its metadata with pickle: only load checkpoints this code wrote (trus
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,7 +37,8 @@ from dlm.atomic import atomic_write, atomic_write_json, atomic_write_text, fsync
 from dlm.data.store import sha256_file
 from dlm.models import build_model
 from dlm.models.config import ModelConfig
-from dlm.train.log import logger
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"

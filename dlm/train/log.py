@@ -1,5 +1,7 @@
-"""Rank-prefixed logging: rank 0 speaks at INFO, the others only report warnings and errors
-(set DLM_LOG_ALL_RANKS=1 to hear every rank)."""
+"""Logging, one style: every module logs to `logging.getLogger(__name__)`, a child of "dlm".
+`setup_logging` (the trainer calls it) gives the "dlm" tree one rank-prefixed handler: rank 0
+speaks at INFO, the others only report warnings and errors (DLM_LOG_ALL_RANKS=1: every rank).
+Command-line tools print their results and end a failure with one `error:` line."""
 
 from __future__ import annotations
 
@@ -7,14 +9,12 @@ import logging
 import os
 import sys
 
-logger = logging.getLogger("dlm.train")
-
 
 def setup_logging(rank: int) -> logging.Logger:
     all_ranks = os.environ.get("DLM_LOG_ALL_RANKS", "0") == "1"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO if rank == 0 or all_ranks else logging.WARNING)
-    return logger
+    root = logging.getLogger("dlm")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 or all_ranks else logging.WARNING)
+    return root

@@ -4,13 +4,15 @@ every `log_every` steps. Only rank 0 writes; the values it writes are already gl
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from pathlib import Path
 
 import torch
 
 from dlm.atomic import atomic_write_text
-from dlm.train.log import logger
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {
