@@ -42,6 +42,7 @@ def _model(**shape):
 
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"launch_{name}_tools", REPO / "launch" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -298,3 +299,26 @@ def test_char_and_byte_normalisations_differ(monkeypatch):
     res, samples = runner.eval_choice(None, CharTokenizer(), [item], EvalConfig(ar=True, progress=False))
     assert samples[0]["pred"] == {"acc": 1, "acc_norm": 0, "acc_bytes": 1}  # 1.0 < 1.25 per char; 0.8 > 0.5 per byte
     assert res["value"] == 0.0 and res["acc_norm"] == 1.0 and res["acc_bytes"] == 0.0
+
+
+def _write_store(folder: Path) -> Path:
+    """The trainer tests' tiny token store (tests/train/conftest.py), loaded by path."""
+    spec = importlib.util.spec_from_file_location("train_conftest_for_eval", REPO / "tests" / "train" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.write_store(folder, n_docs=200, units=1)
+
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_heldout_token_store_split(ar, tmp_path):
+    store = _write_store(tmp_path / "store")
+    seen: list[dict] = []
+    cfg = EvalConfig(ar=ar, num_samples=2, seq_len=32, heldout_fraction=0.2, limit=3, batch_size=2, progress=False)
+    res = evaluate(_model(), CharTokenizer(), [("heldout", str(store))], cfg, on_task=lambda r, k, s: seen.extend(s))
+    r = res["tasks"]["heldout"]
+    assert r["n"] == 3 and [s["window"] for s in seen] == [0, 1, 2]
+    assert r["tokens"] == sum(s["tokens"] for s in seen) > 0
+    assert r["value"] == pytest.approx(sum(s["nats"] for s in seen) / r["tokens"])
+    with pytest.raises(ValueError, match="pass a .txt or .jsonl file"):
+        evaluate(_model(), CharTokenizer(), [("heldout", str(store))], EvalConfig(seq_len=32, heldout_fraction=0.0))
