@@ -250,7 +250,8 @@ def ar_generate(
     cfg = model.config
     device = model.output_weight().device
     out: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="ar generate", disable=not progress, dynamic_ncols=True):
+    bar = tqdm(total=len(prompts), desc="ar generate", unit="row", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(prompts), batch_size):
         rows = [list(p) for p in prompts[start : start + batch_size]]
         gen: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))
@@ -278,4 +279,6 @@ def ar_generate(
                     still.append(b)
             live = still
         out += gen
+        bar.update(len(rows))
+    bar.close()
     return out
