@@ -29,14 +29,17 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    """`nodes` slurmd daemons named n1, n2, ... on this host, each with `cpus` CPUs, in two
-    partitions over all nodes: `batch` (default, jobs requeue on preemption) and `urgent`
-    (higher priority tier: a job there preempts `batch` jobs, which get `grace` seconds
-    between SIGTERM and SIGKILL)."""
+    """`nodes` slurmd daemons named n1, n2, ... on this host, each with `cpus` CPUs (may be more
+    than the machine has), in two partitions: `batch` (default, every node; jobs requeue on
+    preemption) and `urgent` (`urgent_nodes`, default every node; higher priority tier: a job
+    there preempts `batch` jobs, which get `grace` seconds between SIGTERM and SIGKILL)."""
 
-    def __init__(self, root: Path, nodes: int = 1, cpus: int = 2, grace: int = 60):
+    def __init__(
+        self, root: Path, nodes: int = 1, cpus: int = 2, grace: int = 60, urgent_nodes: list[str] | None = None
+    ):
         self.root = root
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
+        self.urgent_nodes = urgent_nodes or self.nodes
         self.cpus = cpus
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
@@ -99,7 +102,7 @@ class SlurmCluster:
             self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
 
     def _check_alive(self) -> None:
-        dead = [p.args[0] for p in self.procs if p.poll() is not None]
+        dead = [p.args[0] if isinstance(p.args, list) else p.args for p in self.procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"SLURM daemon(s) {dead} exited\n{self.logs()}")
 
@@ -187,7 +190,7 @@ class SlurmCluster:
         lines += [
             f"PartitionName=batch Nodes={nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
             f"PreemptMode=REQUEUE GraceTime={self.grace} OverSubscribe=NO",
-            f"PartitionName=urgent Nodes={nodes} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
+            f"PartitionName=urgent Nodes={','.join(self.urgent_nodes)} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _load(name: str, path: Path):
     """A helper module of the test tree (conftest modules are not importable under importlib mode)."""
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -44,16 +45,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory):
-    # 12 CPU slots (more than the machine has): the tests run six 2-CPU jobs at once
-    with cluster.SlurmCluster(tmp_path_factory.mktemp("slurm1"), nodes=1, cpus=12, grace=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    with cluster.SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus=1, grace=60) as c:
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Three nodes of 12 CPU slots: n1 runs the one-node jobs side by side, n2 the job that gets
+    preempted (the `urgent` partition is n2 alone), n1 + n3 the two-node job."""
+    with cluster.SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=3, cpus=12, grace=60, urgent_nodes=["n2"]) as c:
         yield c
 
 

@@ -4,9 +4,11 @@ signal, and ends with the per-step metrics and the export of an uninterrupted ru
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,11 +53,15 @@ def job_env(python: str, run_dir: Path, nproc: int, **extra) -> dict:
     }
 
 
-def submit(cluster, python, store, tmp: Path, name: str, nodes: int = 1, nproc: int = 2, **env) -> tuple[int, Path]:
+def submit(
+    cluster, python, store, tmp: Path, name: str, nodelist: str = "n1", nproc: int = 2, **env
+) -> tuple[int, Path]:
     run_dir = tmp / name
+    nodes = len(nodelist.split(","))
     job = cluster.sbatch(
         f"--job-name={name}",
         f"--nodes={nodes}",
+        f"--nodelist={nodelist}",
         f"--cpus-per-task={2 // nodes}",
         f"--output={tmp / name}-%j.out",
         SCRIPT,
@@ -94,16 +100,6 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
             assert (run_dir / "export" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def wait_for_steps(cluster, job: int, run_dir: Path, n: int, tmp: Path, name: str, timeout: float = 300) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    end = time.monotonic() + timeout
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
-        state = cluster.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} {state}\n{log_of(tmp, name, job)}"
-        assert time.monotonic() < end, f"no training steps after {timeout}s\n{log_of(tmp, name, job)}"
-        time.sleep(0.2)
-
-
 def wait_done(cluster, job: int, tmp: Path, name: str, timeout: float = 600) -> dict:
     info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log_of(tmp, name, job)}"
@@ -120,29 +116,53 @@ STOPS = {
 }
 
 
+def preempt(cluster, job: int) -> None:
+    """A job in the higher-priority partition that needs every CPU of n2: SLURM preempts ours
+    (SIGTERM to its steps, SIGKILL after GraceTime) to start it."""
+    cluster.sbatch(
+        "--partition=urgent",
+        "--nodelist=n2",
+        f"--cpus-per-task={cluster.cpus}",
+        "--output=/dev/null",
+        "--wrap=sleep 2",
+        cwd=REPO,
+    )
+
+
 @pytest.fixture(scope="module")
-def runs(one_node, python, store, tmp_path_factory) -> dict:
-    """An uninterrupted reference job and one job per stop method, all submitted at once (the
-    node has a CPU slot for each); every stopped job is signalled as soon as it has logged 3
-    steps. Returns {name: (job id, run folder, final scontrol record, log)}."""
+def runs(slurm, python, store, tmp_path_factory) -> dict:
+    """All jobs at once: an uninterrupted reference and one job per stop method on n1, a job on
+    n2 that gets preempted, and a two-node job (n1 + n3, one process each: world size 2 as the
+    reference; srun starts a torchrun per node, they meet at the head node's NodeAddr) stopped by
+    SIGTERM to its steps. Each is stopped as soon as it has logged 3 steps. Returns
+    {name: (job id, run folder, final scontrol record, log)}."""
+    from slurm_cluster import _free_port
+
     tmp = tmp_path_factory.mktemp("runs")
-    jobs = {name: submit(one_node, python, store, tmp, name) for name in ["reference", *STOPS]}
-    pending = set(STOPS)
-    end = time.monotonic() + 600
-    while pending:
-        for name in sorted(pending):
+    jobs = {name: submit(slurm, python, store, tmp, name) for name in ["reference", *STOPS]}
+    jobs["preempted"] = submit(slurm, python, store, tmp, "preempted", nodelist="n2")
+    jobs["two_nodes"] = submit(
+        slurm, python, store, tmp, "two_nodes", nodelist="n1,n3", nproc=1, RDZV_PORT=str(_free_port())
+    )
+    stop: dict[str, Callable[[int], object]] = {
+        name: functools.partial(lambda cmd, job: slurm.run(*cmd, str(job)), cmd) for name, cmd in STOPS.items()
+    }
+    stop["preempted"] = lambda job: preempt(slurm, job)
+    stop["two_nodes"] = lambda job: slurm.run("scancel", "--signal=TERM", str(job))
+    end = time.monotonic() + 900
+    while stop:
+        for name in sorted(stop):
             job, run_dir = jobs[name]
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                one_node.run(*STOPS[name], str(job))
-                pending.discard(name)
+                stop.pop(name)(job)
             else:
-                state = one_node.job(job).get("JobState")
+                state = slurm.job(job).get("JobState")
                 assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{name}: {state}\n{log_of(tmp, name, job)}"
-        assert time.monotonic() < end, f"not all jobs trained: {pending}"
+        assert time.monotonic() < end, f"not all jobs trained: {sorted(stop)}"
         time.sleep(0.2)
     return {
-        name: (job, run_dir, wait_done(one_node, job, tmp, name), log_of(tmp, name, job))
+        name: (job, run_dir, wait_done(slurm, job, tmp, name), log_of(tmp, name, job))
         for name, (job, run_dir) in jobs.items()
     }
 
@@ -161,57 +181,20 @@ def test_reference_run(runs):
     assert not (run_dir / "STOPPED").exists() and "run complete: step 60" in log
 
 
-@pytest.mark.parametrize("how", sorted(STOPS))
+@pytest.mark.parametrize("how", [*sorted(STOPS), "preempted", "two_nodes"])
 def test_stopped_job_is_requeued_and_resumes_exactly(runs, how):
     _, run_dir, info, log = runs[how]
     assert int(info["Restarts"]) == 1, log[-4000:]
     at_signal, resumed = stopped_then_resumed(log)
     assert resumed == at_signal < STEPS
     assert_same_run(run_dir, runs["reference"][1])
+    if how == "two_nodes":
+        assert "2 node(s) x 1 process(es)" in log
 
 
-def test_preempted_job_is_requeued_and_resumes_exactly(one_node, python, store, runs, tmp_path):
-    """A job of the higher-priority partition takes both CPUs: ours gets SIGTERM (GraceTime 60 s),
-    checkpoints, is requeued and runs again once the urgent job is done."""
-    job, run_dir = submit(one_node, python, store, tmp_path, "preempted")
-    wait_for_steps(one_node, job, run_dir, 3, tmp_path, "preempted")
-    urgent = one_node.sbatch(
-        "--partition=urgent",
-        f"--cpus-per-task={one_node.cpus}",
-        f"--output={tmp_path}/urgent-%j.out",
-        "--wrap=sleep 2",
-        cwd=tmp_path,
-    )
-    wait_done(one_node, urgent, tmp_path, "urgent")
-    info = wait_done(one_node, job, tmp_path, "preempted")
-    log = log_of(tmp_path, "preempted", job)
-    assert int(info["Restarts"]) >= 1, log[-4000:]
-    at_signal, resumed = stopped_then_resumed(log)
-    assert resumed == at_signal < STEPS
-    assert_same_run(run_dir, runs["reference"][1])
-
-
-def test_two_nodes_step_term_resumes_exactly(two_nodes, python, store, runs, tmp_path):
-    """Two slurmd as two nodes, one process each (world size 2, as the reference): srun starts a
-    torchrun per node, they meet through the c10d rendezvous at the head node's NodeAddr."""
-    from slurm_cluster import _free_port
-
-    job, run_dir = submit(
-        two_nodes, python, store, tmp_path, "two_nodes", nodes=2, nproc=1, RDZV_PORT=str(_free_port())
-    )
-    wait_for_steps(two_nodes, job, run_dir, 3, tmp_path, "two_nodes")
-    two_nodes.run("scancel", "--signal=TERM", str(job))
-    info = wait_done(two_nodes, job, tmp_path, "two_nodes")
-    log = log_of(tmp_path, "two_nodes", job)
-    assert int(info["Restarts"]) == 1 and "2 node(s) x 1 process(es)" in log, log[-4000:]
-    at_signal, resumed = stopped_then_resumed(log)
-    assert resumed == at_signal < STEPS
-    assert_same_run(run_dir, runs["reference"][1])
-
-
-def test_config_error_fails_fast_without_requeue(one_node, python, store, tmp_path):
+def test_config_error_fails_fast_without_requeue(slurm, python, store, tmp_path):
     run_dir = tmp_path / "bad"
-    job = one_node.sbatch(
+    job = slurm.sbatch(
         "--job-name=bad",
         f"--output={tmp_path}/bad-%j.out",
         SCRIPT,
@@ -221,7 +204,7 @@ def test_config_error_fails_fast_without_requeue(one_node, python, store, tmp_pa
         cwd=REPO,
         env=job_env(python, run_dir, 2),
     )
-    info = one_node.wait_state(job, {"COMPLETED", "FAILED"}, 120)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED"}, 120)
     log = log_of(tmp_path, "bad", job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
     assert "command line --train.steps: expected an integer, got 'ten'" in log

@@ -74,7 +74,7 @@ def store_files(store: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.name.startswith("unit-")}
 
 
-def test_array_job_matches_local_run_with_a_requeue(one_node, python, inputs, tmp_path):
+def test_array_job_matches_local_run_with_a_requeue(slurm, python, inputs, tmp_path):
     tokenizer, text = inputs
     for name in ("local", "array"):
         tool(
@@ -95,7 +95,7 @@ def test_array_job_matches_local_run_with_a_requeue(one_node, python, inputs, tm
     tool(python, "run", str(tmp_path / "local"), "--workers", "1", "--no-progress")
 
     store = tmp_path / "array"
-    job = one_node.sbatch(
+    job = slurm.sbatch(
         "--array=0-1",
         "--cpus-per-task=1",
         "--mem-per-cpu=500M",
@@ -107,12 +107,12 @@ def test_array_job_matches_local_run_with_a_requeue(one_node, python, inputs, tm
     # requeue task 0 while it is writing a unit (a temp shard exists)
     end = time.monotonic() + 300
     while not list(store.glob("unit-*.tmp-*")):
-        info = one_node.job(f"{job}_0")
+        info = slurm.job(f"{job}_0")
         assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"task 0 ended first: {info}"
         assert time.monotonic() < end, "no unit was ever in progress"
         time.sleep(0.05)
-    one_node.run("scontrol", "requeue", f"{job}_0")
-    infos = [one_node.wait_state(f"{job}_{t}", {"COMPLETED", "FAILED", "CANCELLED"}, 600) for t in (0, 1)]
+    slurm.run("scontrol", "requeue", f"{job}_0")
+    infos = [slurm.wait_state(f"{job}_{t}", {"COMPLETED", "FAILED", "CANCELLED"}, 600) for t in (0, 1)]
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("tok_*.out")))
     assert [i["JobState"] for i in infos] == ["COMPLETED", "COMPLETED"], logs
     assert infos[0]["Restarts"] == "1", logs
