@@ -332,7 +332,9 @@ def main(argv=None) -> int:
         from dlm.atomic import atomic_write_text
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({"args": vars(args), "summary": summary, "runs": results}, indent=1))
+        atomic_write_text(
+            out, json.dumps({"args": vars(args), "summary": summary, "runs": results}, indent=1, default=str)
+        )
     return 0
 
 
