@@ -83,7 +83,7 @@ def mask_draws(estimator: str, u: torch.Tensor, u0: float, n: int) -> list[tuple
     n-token continuation. `u` [K, >= n] and `u0` are the question's shared noise."""
     K = u.shape[0]
     if estimator == "ratio":
-        return [((u[k, :n] < (k + 0.5) / K).nonzero().flatten().tolist(), 1.0 / ((k + 0.5) / K * K)) for k in range(K)]
+        return [((u[k, :n] < (k + 0.5) / K).nonzero().flatten().tolist(), 1.0 / (k + 0.5)) for k in range(K)]
     if estimator != "count":
         raise ValueError(f"unknown ELBO estimator {estimator!r}; choose one of {ESTIMATORS}")
     order = u[:, :n].argsort(dim=1)  # a random order of the offsets per sample, shared by the choices
@@ -94,7 +94,8 @@ def mask_draws(estimator: str, u: torch.Tensor, u0: float, n: int) -> list[tuple
     return draws
 
 
-def _noise(seed: int, q: int, K: int, width: int) -> tuple[torch.Tensor, float]:
+def question_noise(seed: int, q: int, K: int, width: int) -> tuple[torch.Tensor, float]:
+    """The shared noise (u [K, width], u0) of question q: what `mask_draws` turns into masks."""
     g = question_generator(seed, q)
     u = torch.rand(K, width, generator=g)
     return u, float(torch.rand(1, generator=g))
@@ -162,7 +163,7 @@ def elbo_nll(
 
     def plans():
         for q, choices in enumerate(questions):
-            u, u0 = _noise(seed, q, K, max(len(cont) for _, cont in choices))
+            u, u0 = question_noise(seed, q, K, max(len(cont) for _, cont in choices))
             yield q, choices, [mask_draws(estimator, u, u0, len(cont)) for _, cont in choices]
 
     def jobs():
@@ -184,29 +185,49 @@ def elbo_nll(
 MAX_EXACT_TOKENS = 12
 
 
+def exact_weight(n: int, m: int) -> float:
+    """Weight of one m-token mask set of an n-token continuation in the ELBO: the integral over t
+    of t^m (1-t)^(n-m) / t, = (m-1)! (n-m)! / n!."""
+    return math.factorial(m - 1) * math.factorial(n - m) / math.factorial(n)
+
+
 @torch.inference_mode()
-def exact_elbo_nll(model, questions: Sequence[Sequence[Pair]], batch_size: int) -> list[list[float]]:
-    """The ELBO bound itself, every mask set of the continuation enumerated (2^n - 1 rows for n
-    tokens, so n <= MAX_EXACT_TOKENS): the oracle the Monte-Carlo estimators are measured against."""
+def mask_set_nll(model, pairs: Sequence[Pair], batch_size: int) -> list[dict[tuple[int, ...], float]]:
+    """Per pair: the summed CE of the masked tokens for every non-empty mask set of the
+    continuation (2^n - 1 rows, so n <= MAX_EXACT_TOKENS). Any estimator's draw is a lookup here."""
     mask_id = _check_diffusion(model)
-    scores = [[0.0] * len(choices) for choices in questions]
+    sets: list[list[tuple[int, ...]]] = []
+    for p, (_, cont) in enumerate(pairs):
+        n = len(cont)
+        if not 1 <= n <= MAX_EXACT_TOKENS:
+            raise ValueError(
+                f"pair {p}: exact enumeration of a {n}-token continuation needs 2^{n} rows; "
+                f"1 to {MAX_EXACT_TOKENS} tokens"
+            )
+        sets.append([hit for m in range(1, n + 1) for hit in itertools.combinations(range(n), m)])
+    losses = [[0.0] * len(s) for s in sets]
+    jobs = (
+        (p, i, 1.0, *_masked_row(mask_id, ctx, cont, list(hit)))
+        for p, (ctx, cont) in enumerate(pairs)
+        for i, hit in enumerate(sets[p])
+    )
+    _weighted_nll(model, jobs, losses, batch_size, None, None)
+    return [dict(zip(s, loss)) for s, loss in zip(sets, losses)]
 
-    def jobs():
-        for q, choices in enumerate(questions):
-            for j, (ctx, cont) in enumerate(choices):
-                n = len(cont)
-                if n > MAX_EXACT_TOKENS:
-                    raise ValueError(
-                        f"question {q} choice {j}: exact enumeration of a {n}-token continuation needs "
-                        f"2^{n} rows; at most {MAX_EXACT_TOKENS} tokens"
-                    )
-                for m in range(1, n + 1):
-                    w = math.factorial(m - 1) * math.factorial(n - m) / math.factorial(n)
-                    for hit in itertools.combinations(range(n), m):
-                        yield (q, j, w, *_masked_row(mask_id, ctx, cont, list(hit)))
 
-    _weighted_nll(model, jobs(), scores, batch_size, None, None)
-    return scores
+def exact_elbo_nll(model, questions: Sequence[Sequence[Pair]], batch_size: int) -> list[list[float]]:
+    """The ELBO bound itself, every mask set of each continuation enumerated: the oracle the
+    Monte-Carlo estimators are measured against."""
+    flat = mask_set_nll(model, [pair for choices in questions for pair in choices], batch_size)
+    exact = [
+        sum(exact_weight(len(cont), len(hit)) * v for hit, v in table.items())
+        for table, (_, cont) in zip(flat, (p for c in questions for p in c))
+    ]
+    out, i = [], 0
+    for choices in questions:
+        out.append(exact[i : i + len(choices)])
+        i += len(choices)
+    return out
 
 
 @torch.inference_mode()
