@@ -127,7 +127,7 @@ def test_elbo_progress_reaches_its_total(capsys):
     stats: dict = {}
     scoring.elbo_nll(_model(), questions, num_samples=8, seed=0, batch_size=3, progress=True, stats=stats)
     done, total = _last_count(capsys.readouterr().err)
-    assert done == total and total < 8 * 3  # skipped draws are not in the total
+    assert done == total <= 8 * 3  # draws that mask nothing (skipped) are not in the total
 
 
 # --- issue 16 item 4: held-out text / JSON lines, every token once, the tail covered
