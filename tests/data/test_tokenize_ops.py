@@ -166,11 +166,24 @@ def test_sbatch_script_runs_without_slurm(tmp_path, corpus_dir, spm_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in store.glob("unit-*.json")) == ["unit-00001.json", "unit-00003.json"]
+    assert "docs/s" in proc.stderr  # the progress line of a log file
     env["SLURM_ARRAY_TASK_ID"] = "2"
     proc = subprocess.run(
         ["bash", str(REPO / "data_tools/slurm/tokenize.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 1 and "--array=0-1" in proc.stderr
+    env.update(STORE=str(tmp_path / "nowhere"), SLURM_ARRAY_TASK_ID="0")
+    proc = subprocess.run(
+        ["bash", str(REPO / "data_tools/slurm/tokenize.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "plan.json not found" in proc.stderr, proc.stderr
+    # memory is asked per CPU, so `sbatch --cpus-per-task=N` on a smaller partition scales it too
+    lines = [
+        ln.split()[1]
+        for ln in (REPO / "data_tools/slurm/tokenize.sbatch").read_text().splitlines()
+        if ln.startswith("#SBATCH")
+    ]
+    assert any(o.startswith("--mem-per-cpu=") for o in lines) and not any(o.startswith("--mem=") for o in lines)
 
 
 JSON_LINES_OK = [  # each a valid record: the reader must agree with json.loads
