@@ -53,6 +53,7 @@ class DLMEvalModel(LM):
         path: str,
         ar: bool | str = False,
         num_samples: int = 128,
+        estimator: str = "count",
         seed: int = 0,
         batch_size: int | str = 32,
         max_batch_size: int | None = None,
@@ -63,6 +64,9 @@ class DLMEvalModel(LM):
         order: str = "confidence",
         block_size: int = 0,
         temperature: float = 0.0,
+        cache: str = "none",
+        threshold: float | None = None,
+        tokens_per_step: int = 0,
         max_gen_toks: int = 256,
         allow_unadapted: bool | str = False,
     ) -> None:
@@ -91,12 +95,16 @@ class DLMEvalModel(LM):
         self.cfg = EvalConfig(
             ar=self.ar,
             num_samples=int(num_samples),
+            estimator=estimator,
             seed=int(seed),
             batch_size=int(batch_size),
             steps=None if steps is None else int(steps),
             order=order,
             block_size=int(block_size),
             temperature=float(temperature),
+            cache=cache,
+            threshold=None if threshold is None else float(threshold),
+            tokens_per_step=int(tokens_per_step),
             progress=False,
         )
         self.path = str(path)
@@ -128,6 +136,7 @@ class DLMEvalModel(LM):
             self.cfg.num_samples,
             self.cfg.seed,
             self.cfg.batch_size,
+            estimator=self.cfg.estimator,
         )
         out = [0.0] * len(pairs)
         for m, s in zip(members, scores):

@@ -147,7 +147,7 @@ def test_diffusion_loglikelihoods_match_dlm_evaluator(hf_folder, tmp_path):
     tasks = _task_dir(tmp_path / "tasks")
     out = lm_eval.simple_evaluate(
         model="dlm",
-        model_args=f"path={hf_folder},num_samples=3,seed=5,device=cpu",
+        model_args=f"path={hf_folder},num_samples=3,seed=5,estimator=ratio,device=cpu",
         tasks=["tiny_piqa"],
         task_manager=TaskManager(include_path=str(tasks)),
         log_samples=True,
@@ -159,7 +159,7 @@ def test_diffusion_loglikelihoods_match_dlm_evaluator(hf_folder, tmp_path):
         load_model(str(hf_folder)),
         find_tokenizer(str(hf_folder)),
         [("piqa", str(tasks / "piqa.jsonl"))],
-        EvalConfig(num_samples=3, seed=5, progress=False),
+        EvalConfig(num_samples=3, seed=5, estimator="ratio", progress=False),
         on_task=lambda r, key, s: ours.extend(s),
     )
     assert ll == pytest.approx([x for s in ours for x in s["loglikelihood"]], rel=1e-5, abs=1e-5)
