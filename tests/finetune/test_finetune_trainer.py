@@ -126,3 +126,20 @@ def test_ar_sft_full_finetuning_trains(finetune_run, tmp_path):
     finetune_run.run(1, finetune_run.args(run_dir, **overrides), tmp_path / "log")
     r = records(run_dir)
     assert r[6]["loss"] < r[1]["loss"] - 0.5, r
+
+
+def test_diffusion_full_sft_with_packing_trains(finetune_run, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = {
+        "finetune.pack": True,
+        "data.seq_len": 48,
+        "train.steps": 8,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "checkpoint.interval": 0,
+        "checkpoint.export_at_end": False,
+    }
+    finetune_run.run(1, finetune_run.args(run_dir, **overrides), tmp_path / "log")
+    r = records(run_dir)
+    assert sum(r[s]["loss"] for s in (7, 8)) < sum(r[s]["loss"] for s in (1, 2)), r
+    assert r[8]["consumed_samples"] == 64  # packed rows, counted like any sample
