@@ -42,7 +42,10 @@ VARIANTS = ("naive", "fused")
 
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+        found = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line")
+    return int(found.group(1))
 
 
 def _reset_peak_rss() -> None:

@@ -102,7 +102,9 @@ class Report:
         return "\n".join(lines)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:
+        raise RuntimeError("a gradient to compare is missing")
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -291,9 +293,12 @@ def bench_masked_ce(rep: Report, device: torch.device, sizes: Sizes) -> None:
         h.grad = w.grad = None
         mem = peak_extra_bytes(fn, device)
         h.grad = w.grad = None
-        sec = timed(
-            lambda fn=fn: (fn(), setattr(h, "grad", None), setattr(w, "grad", None)), device, sizes.warmup, sizes.iters
-        )
+
+        def run(fn=fn):
+            fn()
+            h.grad = w.grad = None
+
+        sec = timed(run, device, sizes.warmup, sizes.iters)
         res[name] = (sec, mem)
     base_t, base_m = res["naive full logits"]
     for name, (sec, mem) in res.items():

@@ -269,7 +269,7 @@ def read_texts(path: str | Path, limit: int) -> list[str]:
     import zstandard
 
     path = Path(path)
-    texts = []
+    texts: list[str] = []
     with open(path, "rb") as raw:
         stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw
         for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
@@ -314,7 +314,7 @@ def check_converted(
 
     nll, count = 0.0, 0
     for text in passages:
-        ids = ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)[:max_len]
+        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)[:max_len]
         if len(ids) < 2:
             continue
         lg = logits(ids)
@@ -322,7 +322,7 @@ def check_converted(
         count += len(ids) - 1
     if count == 0:
         raise ValueError("check_converted: no passage has two or more tokens")
-    ids = (([tok.bos_id] if tok.add_bos else []) + tok.encode(passages[0]))[:n_tokens]
+    ids = (([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(passages[0]))[:n_tokens]
     ours = logits(ids).numpy()
     ref = numpy_llama.forward(numpy_llama.load_gguf_llama(gguf_path), ids)
     diff = np.abs(ours - ref)

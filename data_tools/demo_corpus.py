@@ -143,7 +143,9 @@ def benchmark_ngrams(hf_datasets: Path, n: int = NGRAM) -> set[tuple[str, ...]]:
 
 def clean(passages: list[Passage], banned: set[tuple[str, ...]], n: int = NGRAM) -> tuple[list[Passage], Counter]:
     """Drop short passages, duplicates (first one kept) and passages sharing an n-gram with `banned`."""
-    kept, seen, dropped = [], set(), Counter()
+    kept: list[Passage] = []
+    seen: set[str] = set()
+    dropped: Counter[str] = Counter()
     for p in passages:
         if len(p.text) < MIN_CHARS:
             dropped["short"] += 1
@@ -199,7 +201,7 @@ def write_parquet(path: Path, passages: list[Passage], tokenizer=None) -> int | 
     """FineWeb's columns. There is no crawl date nor language classifier score for these
     passages, so `date` and `language_score` are null; `token_count` is null unless a
     tokenizer is given (FineWeb counts GPT-2 tokens; we count the demo model's)."""
-    counts = (
+    counts: list[int | None] = (
         [len(t) for t in tokenizer.encode_batch([p.text for p in passages])] if tokenizer else [None] * len(passages)
     )
     table = pa.table(
@@ -217,7 +219,7 @@ def write_parquet(path: Path, passages: list[Passage], tokenizer=None) -> int | 
         schema=FINEWEB_SCHEMA,
     )
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return sum(counts) if tokenizer else None
+    return sum(c for c in counts if c is not None) if tokenizer else None
 
 
 def build_demo_corpus(

@@ -36,7 +36,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> None:
     """`write_fn(tmp)` writes the whole file to the temp path; it is then fsynced and renamed onto
     `path`. On an error the temp file is removed and `path` is left as it was."""
     path = Path(path)

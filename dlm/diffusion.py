@@ -23,6 +23,7 @@ from torch import nn
 from dlm.attention.layout import AnnealMask, AttentionLayout
 from dlm.kernels.masked_ce import masked_cross_entropy
 from dlm.kernels.masking import mask_tokens, philox4x32, uniform24
+from dlm.models.protocol import DiffusionLM
 
 __all__ = [
     "DiffusionConfig",
@@ -299,7 +300,7 @@ def _elbo_seed(seed: int, k: int) -> int:
 
 @torch.no_grad()
 def heldout_elbo(
-    model: nn.Module, batch: dict, num_samples: int = 8, seed: int = 0
+    model: DiffusionLM, batch: dict, num_samples: int = 8, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ELBO bound on the NLL: (nats_sum [B] float64, n_tokens [B] int64), the bound in
     nats per token being nats_sum / n_tokens.

@@ -43,7 +43,7 @@ from dlm.data.sft import SFTDataset, load_sft_dataset
 from dlm.debug import set_debug
 from dlm.diffusion import DiffusionConfig
 from dlm.lora import LoRAConfig, apply_lora, with_lora_init
-from dlm.models import build_model
+from dlm.models import GPT2, Llama, build_model
 from dlm.sft import ARObjective
 from dlm.tokenizer import load_tokenizer
 from dlm.train.checkpoint import Checkpointer, export_checkpoint
@@ -82,7 +82,7 @@ class StopRequest:
         return bool(flag.item())
 
 
-def build_model_sharded(cfg: TrainConfig, env: DistEnv, source: WeightSource) -> torch.nn.Module:
+def build_model_sharded(cfg: TrainConfig, env: DistEnv, source: WeightSource) -> Llama | GPT2:
     with torch.device("meta"):
         model = build_model(source.config)
     tensor = source.tensor
@@ -127,7 +127,7 @@ class Trainer:
     run_dir: Path
     dataset: PackedDataset | SFTDataset
     source: WeightSource
-    model: torch.nn.Module
+    model: Llama | GPT2  # sharded by FSDP2
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ckpt: Checkpointer
@@ -337,8 +337,9 @@ def finish(tr: Trainer, progress: Progress) -> None:
     """After the last step: the export and the DONE marker (the SLURM script does not requeue)."""
     if progress.step == tr.cfg.train.steps:
         if tr.env.rank == 0:
-            if tr.cfg.checkpoint.export_at_end:
-                logger.info("exported %s", export_checkpoint(tr.ckpt.latest(), tr.run_dir / "export"))
+            latest = tr.ckpt.latest()
+            if tr.cfg.checkpoint.export_at_end and latest is not None:  # the last step always checkpoints
+                logger.info("exported %s", export_checkpoint(latest, tr.run_dir / "export"))
             atomic_write_text(tr.run_dir / "DONE", f"step {progress.step}\n")
         dist.barrier()
 
@@ -362,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     progress = resume(tr)
-    dcfg = DiffusionConfig(mask_token_id=tr.source.config.mask_token_id, **asdict(cfg.diffusion))
-    objective: Objective = (
-        ARObjective() if cfg.train.stage == "ar_sft" else DiffusionObjective(dcfg, cfg.train.global_batch_size)
-    )
+    objective: Objective
+    if cfg.train.stage == "ar_sft":
+        objective = ARObjective()
+    else:
+        mask_id = tr.source.config.mask_token_id
+        if mask_id is None:
+            raise ValueError("diffusion training needs a [MASK] token (model.mask_token)")
+        dcfg = DiffusionConfig(mask_token_id=mask_id, **asdict(cfg.diffusion))
+        objective = DiffusionObjective(dcfg, cfg.train.global_batch_size)
     progress = train(tr, progress, objective)
     finish(tr, progress)
     dist.destroy_process_group()

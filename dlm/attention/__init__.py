@@ -67,7 +67,7 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
         logger.info("attention backend: %s (requested, %s, %s)", name, device_type, mask)
         return name
     order = _CUDA_ORDER if device_type == "cuda" else _CPU_ORDER
-    skipped = []
+    skipped: list[str] = []
     for candidate in order:
         reason = _why_not(candidate, device, arbitrary_mask)
         if reason is None:

@@ -85,7 +85,7 @@ def adapt(varlen_attn: Callable) -> VarlenFn:
         raise RuntimeError(f"unrecognised varlen_attn signature {inspect.signature(varlen_attn)}")
 
     def call(q, k, v, cu, max_seqlen: int, causal: bool) -> torch.Tensor:
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if has_window:
             kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
         elif causal:
@@ -119,4 +119,6 @@ def available(device: torch.device) -> str | None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     check_half_precision(q, "varlen")
+    if _TORCH_VARLEN is None:
+        raise RuntimeError(available(q.device) or "PyTorch varlen attention is unavailable")
     return run_packed(_TORCH_VARLEN, q, k, v, layout, "varlen")

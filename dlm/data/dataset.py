@@ -57,6 +57,7 @@ class _Source:
             for bb in np.nonzero(self.index.batch_shard == shard)[0]:
                 self._views[bb] = sv.values[int(self.index.batch_local[bb])]
             view = self._views[b]
+        assert view is not None  # filled just above
         return view
 
     def read(self, start: int, n: int, out: np.ndarray) -> None:
@@ -113,7 +114,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.specs, self.seq_len, self.seed, self.split = sources, int(seq_len), int(seed), split
         self.heldout_fraction = float(heldout_fraction)
         self.blend = Blend([s.weight for s in sources])
-        indexes = [load_index(Path(s.path), index_dir) for s in sources]
+        indexes = [load_index(Path(s.path), None if index_dir is None else Path(index_dir)) for s in sources]
         toks = {ix.manifest["tokenizer"]["sha256"] for ix in indexes}
         if len(toks) != 1:
             raise ValueError(

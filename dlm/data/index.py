@@ -122,7 +122,7 @@ def _build(store: Path, manifest: dict, out: Path) -> None:
         "doc_starts": np.concatenate(doc_starts + [np.asarray([total], dtype=np.int64)]),
     }
     for name, arr in arrays.items():
-        np.save(out / f"{name}.npy", arr)
+        np.save(out / f"{name}.npy", np.asarray(arr))
         fsync_file(out / f"{name}.npy")
     (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
     fsync_file(out / "manifest.json")

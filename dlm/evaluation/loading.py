@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from dlm.models import GPT2, Llama
 from dlm.tokenizer import Tokenizer, load_tokenizer
 from dlm.train.checkpoint import STATE_FILE, checkpoint_model, resolve_checkpoint
 
@@ -30,7 +30,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def load_model(
     path: str | Path, ar: bool = False, device: str | torch.device = "cpu", dtype: str = "fp32"
-) -> nn.Module:
+) -> Llama | GPT2:
     """The one way to load a model for generation, evaluation and export checks: from a training
     checkpoint, a run folder (its newest complete checkpoint) or a Hugging Face style folder, in
     eval mode. dtype is a key of DTYPES.

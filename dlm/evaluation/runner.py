@@ -167,6 +167,8 @@ def diffusion_fill(model, requests: list[Request], cfg: EvalConfig, eos_fill: bo
     """Generate every request (grouped by answer length, so steps can follow the length)."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(requests):
+        if r.length is None:
+            raise ValueError(f"evaluation request {i} has no answer length")
         groups[r.length].append(i)
     out: list[list[int]] = [[] for _ in requests]
     bar = tqdm(total=len(requests), desc="generate", disable=not cfg.progress, dynamic_ncols=True)

@@ -9,8 +9,6 @@ family meets the contract in `dlm.models.protocol.DiffusionLM`.
 
 from __future__ import annotations
 
-from torch import nn
-
 from dlm.models.config import ModelConfig
 from dlm.models.gpt2 import GPT2
 from dlm.models.llama import Llama
@@ -95,7 +93,7 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> Llama | GPT2:
     """The model for `cfg`, parameters allocated on the current default device (meta works)."""
     if cfg.family == "llama":
         return Llama(cfg)

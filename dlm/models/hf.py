@@ -17,6 +17,7 @@ DiffuGPT-S uses the existing id 10541 as `[MASK]`; DiffuGPT-M appended one (id 5
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dlm.atomic import atomic_write, atomic_write_json
-from dlm.models import build_model
+from dlm.models import GPT2, Llama, build_model
 from dlm.models.config import ModelConfig
 from dlm.models.mask_token import add_mask_token
 
@@ -337,7 +338,7 @@ def load_hf_model(
     attention: str = "bidirectional",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> nn.Module:
+) -> Llama | GPT2:
     """A model from a HF folder. mask_token_id: "append" adds a new `[MASK]` (unless the folder is
     our export and has one), an int reuses that existing id, None keeps the AR original."""
     if not (
@@ -353,7 +354,7 @@ def load_hf_model(
         if isinstance(mask_token_id, int) and mask_token_id != cfg.mask_token_id:
             raise ValueError(f"{folder}: checkpoint already uses [MASK] id {cfg.mask_token_id}, not {mask_token_id}")
     elif mask_token_id is not None:
-        state, cfg = add_mask_token(state, cfg, None if mask_token_id == "append" else mask_token_id)
+        state, cfg = add_mask_token(state, cfg, mask_token_id if isinstance(mask_token_id, int) else None)
     cfg = cfg.replace(attention=attention)
     with torch.device("meta"):
         model = build_model(cfg)
@@ -434,5 +435,5 @@ def save_hf_model(
         if not found:
             raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy")
         for f in found:
-            atomic_write(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+            atomic_write(out / f.name, functools.partial(shutil.copyfile, f))
     return out

@@ -57,10 +57,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        hd = cfg.head_dim
+        hd, kv_heads = cfg.head_dim, cfg.n_kv_heads or cfg.n_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
     def forward(

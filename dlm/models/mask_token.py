@@ -32,14 +32,13 @@ def add_mask_token(
     `base_vocab_size`; an int reuses that existing token (nothing is resized)."""
     if cfg.mask_token_id is not None:
         raise ValueError(f"the model already has a [MASK] token (id {cfg.mask_token_id})")
+    base = cfg.base_vocab_size or cfg.vocab_size  # set by ModelConfig; typed optional
     if mask_token_id is not None:
-        if not 0 <= mask_token_id < cfg.base_vocab_size:
-            raise ValueError(
-                f"mask_token_id {mask_token_id} is not an existing token id (vocabulary {cfg.base_vocab_size})"
-            )
+        if not 0 <= mask_token_id < base:
+            raise ValueError(f"mask_token_id {mask_token_id} is not an existing token id (vocabulary {base})")
         return dict(state_dict), cfg.replace(mask_token_id=mask_token_id)
 
-    new_id = cfg.base_vocab_size
+    new_id = base
     vocab = padded_vocab(new_id + 1)
     out = dict(state_dict)
     for name in VOCAB_TABLES:

@@ -47,6 +47,10 @@ class DiffusionLM(Protocol):
         self, input_ids: torch.Tensor, layout: AttentionLayout, head: Head | None = None, cache: KVCache | None = None
     ) -> Any: ...
 
+    def __call__(
+        self, input_ids: torch.Tensor, layout: AttentionLayout, head: Head | None = None, cache: KVCache | None = None
+    ) -> Any: ...  # nn.Module.__call__ runs forward
+
     def output_weight(self) -> torch.Tensor: ...
 
     def init_weights(self, seed: int | None = None) -> None: ...

@@ -18,6 +18,7 @@ DCP stores its metadata with pickle: only load checkpoints this code wrote (trus
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from dlm.atomic import atomic_write, atomic_write_json, atomic_write_text, fsync_dir
 from dlm.data.store import sha256_file
-from dlm.models import build_model
+from dlm.models import GPT2, Llama, build_model
 from dlm.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -211,9 +212,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=path)
-        set_state_dict(
-            model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=self.options
-        )
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=self.options)
         if state["world_size"] == self.world_size:
             _set_rng_state(load_file(str(path / "rng" / f"rank_{self.rank:05d}.safetensors")))
         else:
@@ -247,7 +246,7 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 
 def checkpoint_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> nn.Module:
+) -> Llama | GPT2:
     """The full model a training checkpoint holds (a run folder: its newest complete one), read
     in this one process whatever world size wrote it; a LoRA run's adapters come merged into
     their base. Inference code loads any model folder with `dlm.evaluation.loading.load_model`."""
@@ -257,7 +256,10 @@ def checkpoint_model(
     if state.get("train_config", {}).get("lora", {}).get("rank", 0) > 0:
         from dlm.lora import load_lora_checkpoint  # adapters only: base + adapters, merged
 
-        return load_lora_checkpoint(ckpt, state).to(device=device, dtype=dtype).eval()
+        merged = load_lora_checkpoint(ckpt, state)
+        if not isinstance(merged, (Llama, GPT2)):
+            raise TypeError(f"{ckpt}: merged LoRA model is a {type(merged).__name__}")
+        return merged.to(device=device, dtype=dtype).eval()
     cfg = ModelConfig.from_dict(state["model_config"])
     with torch.device("meta"):
         model = build_model(cfg)
@@ -321,5 +323,5 @@ def export_tokenizer(src: str | os.PathLike, out: Path) -> list[str]:
         kind, found = resolve_tokenizer(p)
         files = dict(zip(_EXPORT_NAMES[kind], found))
     for name, f in files.items():
-        atomic_write(out / name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+        atomic_write(out / name, functools.partial(shutil.copyfile, f))
     return sorted(files)

@@ -268,7 +268,7 @@ def _check_override(section: str, name: str, value: Any) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     raw: dict = {}
     if path is not None:
         try:

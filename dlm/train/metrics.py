@@ -81,7 +81,7 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, float | None]) -> None:
         """`values` are global; None means not available (e.g. MFU on CPU)."""
-        if self.rank != 0:
+        if self.jsonl is None:  # not rank 0
             return
         record = {"step": step, **values}
         self.jsonl.write(json.dumps(record) + "\n")

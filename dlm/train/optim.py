@@ -19,7 +19,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=on_cuda or None)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimSection, step: int, total_steps: int) -> None:
@@ -30,7 +30,7 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimSection, s
         group.update(
             lr=cfg.lr * lr_factor(step, cfg, total_steps),
             initial_lr=cfg.lr,
-            betas=tuple(cfg.betas),
+            betas=(cfg.betas[0], cfg.betas[1]),
             eps=cfg.eps,
             weight_decay=wd,
         )

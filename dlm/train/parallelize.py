@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dlm.models import GPT2, Llama
 from dlm.train.config import ParallelSection
 
 
@@ -70,7 +71,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(dist.get_rank(), world, local_rank, dev, mesh)
 
 
-def apply_ac(model: nn.Module, cfg: ParallelSection) -> None:
+def apply_ac(model: Llama | GPT2, cfg: ParallelSection) -> None:
     """Activation checkpointing per block: "full" recomputes every block in backward,
     "selective" every `selective_every`-th one (trading memory for less recompute)."""
     if cfg.activation_checkpoint == "none":
@@ -81,7 +82,7 @@ def apply_ac(model: nn.Module, cfg: ParallelSection) -> None:
             model.layers.register_module(str(i), checkpoint_wrapper(block, preserve_rng_state=False))
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: Llama | GPT2) -> None:
     """torch.compile each block in place (names unchanged); blocks are identical, so one graph."""
     for block in model.layers:
         block.compile(fullgraph=False)
@@ -97,7 +98,7 @@ def mixed_precision(cfg: ParallelSection, device: torch.device) -> MixedPrecisio
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device) -> None:
+def apply_fsdp(model: Llama | GPT2, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device) -> None:
     """FSDP2: shard each block, then the root (embeddings, final norm, head).
 
     The loss is already divided by the global count of loss-eligible tokens, so the gradient of

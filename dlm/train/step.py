@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from dlm.diffusion import DiffusionConfig, diffusion_loss, host_layout, noise_batch
 from dlm.train.parallelize import clip_grad_norm_
@@ -108,13 +109,14 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=counts.device)
     stat_sum = torch.zeros((), dtype=torch.float64, device=counts.device)
     for j, p in enumerate(prepared):
-        model.set_requires_gradient_sync(j == len(prepared) - 1)  # reduce-scatter once per step
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(j == len(prepared) - 1)  # reduce-scatter once per step
         loss, stat = objective.loss(model, p, normalizer, step)
         loss.backward()
         loss_sum += loss.detach().double()
         stat_sum += stat.double()
     grad_norm = clip_grad_norm_(model, grad_clip)
-    lr = scheduler.get_last_lr()[0]
+    lr = float(scheduler.get_last_lr()[0])
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

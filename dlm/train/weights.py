@@ -41,7 +41,7 @@ def weight_source(section: ModelSection, seed: int, data_tokenizer: dict | None 
     """`data_tokenizer`: the token store's tokenizer facts. A randomly initialised model takes its
     vocabulary and BOS/EOS ids from them (unless model.overrides sets vocab_size), so a
     from-scratch baseline fits whatever tokenizer the data was made with."""
-    mask_id = None if section.mask_token == "append" else section.mask_token
+    mask_id = section.mask_token if isinstance(section.mask_token, int) else None  # else "append"
     if section.init_from == "random":
         base = preset(section.preset)
         if data_tokenizer is not None and "vocab_size" not in section.overrides:

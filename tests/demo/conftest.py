@@ -70,7 +70,7 @@ def _hf_state(vocab: int, seed: int) -> dict[str, np.ndarray]:
         return (torch.randn(*shape, generator=g) * std).numpy()
 
     sd = {"model.embed_tokens.weight": w(vocab, D, std=0.5), "model.norm.weight": 1 + w(D, std=0.1)}
-    for i in range(TINY["n_layers"]):
+    for i in range(int(TINY["n_layers"])):
         p = f"model.layers.{i}."
         sd |= {
             p + "self_attn.q_proj.weight": w(D, D, std=0.25),
@@ -107,7 +107,7 @@ def tiny_gguf(tmp_path_factory, bpe_reference):
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     from data_tools.convert_gguf import _BLOCK_KEYS
 
-    for i in range(TINY["n_layers"]):
+    for i in range(int(TINY["n_layers"])):
         names |= {f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for gg, hf in _BLOCK_KEYS.items()}
 
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"

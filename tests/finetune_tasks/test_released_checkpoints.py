@@ -39,7 +39,7 @@ def _bidirectional(b: int, n: int) -> torch.Tensor:
 def _ours(folder, mask_id: int, ids: torch.Tensor):
     model = load_hf_model(folder, mask_token_id=mask_id, attention="bidirectional").eval()
     with torch.no_grad():
-        return model, model(ids, AttentionLayout.single(*ids.shape, causal=False))
+        return model, model(ids, AttentionLayout.single(ids.shape[0], ids.shape[1], causal=False))
 
 
 def test_diffullama_folder_imports_with_mask_811(tmp_path):

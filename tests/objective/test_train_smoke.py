@@ -16,7 +16,8 @@ def corpus_row(sample_id: int) -> dict:
     """A packed row of documents that repeat a short motif of 32 possible tokens (learnable both
     from the unigram statistics and by copying from either side)."""
     g = torch.Generator().manual_seed(10_000 + sample_id)
-    ids, pos = [], []
+    ids: list[int] = []
+    pos: list[int] = []
     while len(ids) < L:
         n = int(torch.randint(8, 40, (1,), generator=g))
         motif = torch.randint(3, 35, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()

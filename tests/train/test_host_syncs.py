@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ class SyncCounter(TorchDispatchMode):
     def _hit(self, name: str) -> None:
         """Attributed to the innermost project line. Reads inside torch.optim are skipped: on
         CUDA the optimizer is fused and keeps its step counters on the device."""
-        frame, where = sys._getframe(1), None
+        frame: FrameType | None = sys._getframe(1)
+        where = None
         while frame is not None:
             file = frame.f_code.co_filename
             if file.startswith(OPTIM) or frame.f_code.co_name in HOST_SIDE:
