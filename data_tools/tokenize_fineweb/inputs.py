@@ -146,14 +146,12 @@ def _lone_surrogate(text: str) -> bool:
 
 
 class _Reader:
-    """Yields each file's documents as lists (one per ~1 MB chunk or parquet batch). Per-record
+    """Yields each file's documents as lists (one per chunk of lines or parquet batch). Per-record
     Python work competes with the tokenizer for the same core, so a chunk of well-formed records
     is decoded by a few C calls; anything unusual goes through the full per-record checks."""
 
     def __init__(self, path: Path, cfg: ReadConfig, counts: ReadCounts):
         self.path, self.cfg, self.counts = path, cfg, counts
-        key = json.dumps(cfg.text_field)
-        self.prefixes = ("{" + key + ': "', "{" + key + ':"')  # the text field first, as SlimPajama writes it
         self.filtering = bool(cfg.include_sets or cfg.exclude_sets)
 
     def bad(self, record: str, reason: str, detail: str) -> None:
