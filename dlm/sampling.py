@@ -8,6 +8,16 @@ output at position i-1 (position 0 is always given).
 
 Rows of different lengths are right-padded; the padding is its own document segment (its
 position ids restart at 0), so no real token attends to it.
+
+Faster, approximate settings (Fast-dLLM), each off by default, where the sampler is exact:
+- `cache` "prefix" / "dual": keys and values are computed once per block and reused for the
+  steps inside it (dlm.kv_cache); only the current block's window (prefix: and everything after
+  it) runs through the model. Exact for causal attention with "prefix".
+- `threshold`: besides the scheduled top-k, every position whose token probability exceeds the
+  threshold commits; a block that finishes early hands its remaining steps to nobody, so the
+  next block starts at once. `threshold=1.0` with one token per step is the confidence order.
+- `tokens_per_step`: a fixed number of commits per step (ceil(block / k) steps per block).
+A row whose answer is complete (EOS filled) drops out of the cached forward passes.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlm.attention.layout import AttentionLayout
+from dlm.kv_cache import KVCache
 
 ORDERS = ("random", "confidence", "margin", "entropy")
 CACHES = ("none", "prefix", "dual")
@@ -232,8 +243,6 @@ class _CachedForward:
     def __init__(
         self, model, ids: torch.Tensor, pos: torch.Tensor, layout: AttentionLayout, ends: list[int], mode: str
     ):
-        from dlm.kv_cache import KVCache
-
         self.model, self.pos, self.mode = model, pos, mode
         self.ends = torch.tensor(ends, device=ids.device)  # row lengths without padding
         self.cache = KVCache(layout, model.config.n_layers)
