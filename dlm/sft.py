@@ -137,15 +137,12 @@ class ARBatch:
     input_ids: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
     scored: torch.Tensor  # [B, L] bool: response/EOS tokens that are not a segment start
+    cu_seqlens: torch.Tensor | None = None  # from the host copy (no device read-back), else derived
+    max_seqlen: int | None = None
 
     @property
     def n_eligible(self) -> torch.Tensor:
         return self.scored.sum()
-
-    norm_count = n_eligible  # the trainer's loss normalizer: scored tokens of the global batch
-
-    cu_seqlens: torch.Tensor | None = None  # from the host copy (no device read-back), else derived
-    max_seqlen: int | None = None
 
     def layout(self) -> AttentionLayout:
         return AttentionLayout.from_position_ids(
