@@ -41,6 +41,7 @@ def tiny(name: str, seed: int = 0):
     return model
 
 
+@pytest.mark.slow  # a few hundred optimizer steps
 def test_training_lowers_diffusion_loss():
     torch.manual_seed(0)
     model = tiny("tiny-llama")

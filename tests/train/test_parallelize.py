@@ -56,6 +56,7 @@ def test_activation_checkpointing_is_exact(batch, mode):
     _assert_same(_run(model, *batch), ref, atol=0)
 
 
+@pytest.mark.slow  # inductor compiles the block: tens of seconds
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 def test_compiled_blocks_match_eager(batch):
     ref = _run(_model(), *batch)
