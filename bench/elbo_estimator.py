@@ -42,9 +42,9 @@ def read_pairs(tok, n_pairs: int, ctx_tokens: int) -> list[tuple[list[int], list
     from data_tools.convert_gguf import read_texts
 
     if not DEMO_CORPUS.is_file():
-        raise SystemExit(f"{DEMO_CORPUS} is missing: run `make demo` first")
+        raise FileNotFoundError(f"{DEMO_CORPUS} is missing: run `make demo` first")
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    pairs = []
+    pairs: list[tuple[list[int], list[int]]] = []
     for text in read_texts(DEMO_CORPUS, 10 * n_pairs):
         n = 2 + len(pairs) % 5
         ids = tok.encode(text)
@@ -52,7 +52,7 @@ def read_pairs(tok, n_pairs: int, ctx_tokens: int) -> list[tuple[list[int], list
             pairs.append((bos + ids[:ctx_tokens], ids[ctx_tokens : ctx_tokens + n]))
         if len(pairs) == n_pairs:
             return pairs
-    raise SystemExit(f"{DEMO_CORPUS}: too few passages of {ctx_tokens + 6} tokens")
+    raise ValueError(f"{DEMO_CORPUS}: too few passages of {ctx_tokens + 6} tokens")
 
 
 def lookup_estimate(table: dict, estimator: str, seed: int, q: int, K: int, n: int) -> float:
@@ -74,7 +74,10 @@ def main() -> None:
 
     model = load_model(args.model, device=args.device)
     tok = find_tokenizer(args.model)
-    pairs = read_pairs(tok, args.pairs, args.context_tokens)
+    try:
+        pairs = read_pairs(tok, args.pairs, args.context_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
     t0 = time.perf_counter()
     tables = mask_set_nll(model, pairs, args.batch_size)
     rows = sum(len(t) for t in tables)

@@ -50,7 +50,7 @@ def read_prompts(tok, n: int, prompt_tokens: int) -> list[list[int]]:
 
     path = DEMO / "corpus" / "jsonl" / "heldout" / "demo.jsonl.zst"
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run `make demo` first (it writes the demo corpus)")
+        raise FileNotFoundError(f"{path} is missing: run `make demo` first (it writes the demo corpus)")
     prompts = []
     for text in read_texts(path, 10 * n):
         ids = tok.encode(text)
@@ -58,7 +58,7 @@ def read_prompts(tok, n: int, prompt_tokens: int) -> list[list[int]]:
             prompts.append(ids[:prompt_tokens])
         if len(prompts) == n:
             return prompts
-    raise SystemExit(f"{path}: fewer than {n} passages of {prompt_tokens} tokens")
+    raise ValueError(f"{path}: fewer than {n} passages of {prompt_tokens} tokens")
 
 
 def main() -> None:
@@ -77,7 +77,10 @@ def main() -> None:
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     tok = find_tokenizer(args.model)
-    prompts = read_prompts(tok, args.prompts, args.prompt_tokens)
+    try:
+        prompts = read_prompts(tok, args.prompts, args.prompt_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
     requests = [Request(p) for p in prompts]
     chosen = settings(args.length, args.block_size)
     if args.only:
