@@ -55,7 +55,7 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})})
     if result.returncode != 0:
-        sys.exit(f"[demo] stage failed (exit {result.returncode}): {' '.join(cmd)}")
+        raise RuntimeError(f"stage failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
 def read_json(path: Path) -> dict:
@@ -328,4 +328,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # a failed stage: its own output is above
+        sys.exit(f"[demo] {e}")
