@@ -35,6 +35,7 @@ from data_tools.convert_gguf import check_converted, convert_gguf, read_texts
 from data_tools.demo_corpus import build_demo_corpus
 from data_tools.fetch_demo_assets import default_cache_dir, fetch_demo_assets
 from dlm.atomic import atomic_write_json
+from dlm.evaluation.runner import RESULTS_FORMAT
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "launch" / "configs" / "demo.toml"
@@ -174,9 +175,10 @@ def evaluate(
     limit: int,
     num_samples: int,
 ) -> dict:
-    """Results are cached under a name holding the settings, so a rerun with others re-scores."""
+    """Results are cached under a name holding the settings, so a rerun with others re-scores;
+    results written by an older evaluator (another results format) are re-scored too."""
     out = folder / f"eval_{'ar' if ar else 'diffusion'}_n{limit}_k{num_samples}.json"
-    if not out.is_file():
+    if not out.is_file() or read_json(out).get("format") != RESULTS_FORMAT:
         cmd = [
             sys.executable,
             "launch/evaluate.py",

@@ -12,28 +12,7 @@ import pytest
 from dlm.models import build_model, preset
 from dlm.models.hf import save_hf_model
 from dlm.tokenizer import load_tokenizer
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "river",
-    "stone",
-    "night",
-    "city",
-    "light",
-    "water",
-    "red",
-    "blue",
-    "cat",
-    "dog",
-    "ran",
-    "sat",
-]
+from tests.helpers import WORDS
 
 
 @pytest.fixture(scope="session")

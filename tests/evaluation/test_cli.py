@@ -3,46 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "river",
-    "stone",
-    "night",
-    "city",
-    "light",
-    "water",
-    "red",
-    "blue",
-    "cat",
-    "dog",
-    "ran",
-    "sat",
-]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import WORDS, load_script
 
 
 def test_generate_cli(hf_folder, tmp_path, capsys):
-    gen = _script("generate")
+    gen = load_script("generate")
     out = tmp_path / "samples.jsonl"
     assert (
         gen.main(
@@ -137,7 +106,7 @@ def test_generate_cli(hf_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("ar", [False, True])
 def test_evaluate_cli(hf_folder, tmp_path, ar):
-    ev = _script("evaluate")
+    ev = load_script("evaluate")
     piqa = tmp_path / "piqa.jsonl"
     piqa.write_text(
         "".join(
@@ -180,6 +149,6 @@ def test_evaluate_cli(hf_folder, tmp_path, ar):
 
 
 def test_evaluate_cli_rejects_bad_task(hf_folder, tmp_path):
-    ev = _script("evaluate")
+    ev = load_script("evaluate")
     with pytest.raises(SystemExit):
         ev.main([str(hf_folder), "--task", f"mmlu={tmp_path}"])

@@ -19,6 +19,7 @@ from dlm.evaluation import EvalConfig, evaluate
 from dlm.evaluation.runner import rolling_windows, with_start
 from dlm.evaluation.tasks import MultipleChoice
 from dlm.models import build_model, preset
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,14 +41,6 @@ def _model(**shape):
     return model.eval()
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}_tools", REPO / "launch" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -62,7 +55,7 @@ def _last_count(err: str) -> tuple[int, int]:
 
 
 def test_each_task_is_reported_and_written_when_it_finishes(hf_folder, tmp_path, capsys):
-    ev = _script("evaluate")
+    ev = load_script("evaluate")
     good = _jsonl(tmp_path / "piqa.jsonl", [{"goal": "the cat", "sol1": "ran.", "sol2": "sat.", "label": 1}] * 3)
     bad = _jsonl(tmp_path / "bad.jsonl", [{"goal": "the dog", "sol1": "ran."}])  # no sol2: fails when reached
     out, samples = tmp_path / "res.json", tmp_path / "samples.jsonl"
@@ -191,7 +184,7 @@ def test_heldout_jsonl_documents_and_errors(tmp_path):
 
 
 def test_plain_ar_folder_is_refused_without_flag(plain_folder, tmp_path, capsys):
-    gen, ev = _script("generate"), _script("evaluate")
+    gen, ev = load_script("generate"), load_script("evaluate")
     with pytest.raises(ValueError, match="plain AR model"):
         gen.main([str(plain_folder), "--prompt", "the", "--length", "2", "--no-progress"])
     piqa = _jsonl(tmp_path / "piqa.jsonl", [{"goal": "the", "sol1": "a", "sol2": "b", "label": 0}])
@@ -214,7 +207,7 @@ def test_generate_ar_matches_transformers_greedy(plain_folder, tmp_path, capsys)
     transformers = pytest.importorskip("transformers")
     from dlm.tokenizer import load_tokenizer
 
-    gen = _script("generate")
+    gen = load_script("generate")
     out = tmp_path / "ar.jsonl"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the river\nthe cat sat\n")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from .test_cli import _script
+from tests.helpers import load_script
 
 
 def test_generate_cached_threshold_streaming(hf_folder, tmp_path, capsys):
-    gen = _script("generate")
+    gen = load_script("generate")
     out = tmp_path / "samples.jsonl"
     args = [str(hf_folder), "--prompt", "the river", "--length", "8", "--block-size", "4", "--no-progress"]
     fast = args + ["--cache", "dual", "--threshold", "0.5", "--stream", "--no-eos-fill", "--out", str(out)]
@@ -21,7 +21,7 @@ def test_generate_cached_threshold_streaming(hf_folder, tmp_path, capsys):
 
 
 def test_evaluate_names_estimator_and_sampler(hf_folder, tmp_path, capsys):
-    ev = _script("evaluate")
+    ev = load_script("evaluate")
     piqa = tmp_path / "piqa.jsonl"
     piqa.write_text(json.dumps({"goal": "the cat", "sol1": "ran.", "sol2": "sat.", "label": 0}) + "\n")
     lambada = tmp_path / "lambada.jsonl"

@@ -3,7 +3,6 @@ merged): the SFT layout ([SEP] / [PAD] ids, row length) comes from the run itsel
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,17 +15,10 @@ from data_tools.planning import make_splits, write_char_tokenizer, write_splits
 from dlm.evaluation.loading import sft_layout
 from dlm.tokenizer import load_tokenizer
 from launch.finetune_showcase import CONFIG, make_init
+from tests.helpers import load_script
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +49,10 @@ def test_evaluate_and_generate_a_lora_run(lora_run, tmp_path, capsys):
     root, run = lora_run
     out = tmp_path / "res.json"
     argv = [str(run), "--task", f"sudoku={root / 'data' / 'test.jsonl'}", "--out", str(out), "--no-progress"]
-    assert _script("evaluate").main(argv) == 0  # no --sep-id / --pad-id / --seq-len: the run's
+    assert load_script("evaluate").main(argv) == 0  # no --sep-id / --pad-id / --seq-len: the run's
     res = json.loads(out.read_text())
     assert res["settings"]["sep_id"] == 3 and res["settings"]["pad_id"] == 0 and res["settings"]["seq_len"] == 40
     assert res["tasks"]["sudoku"]["n"] == 6
-    assert _script("generate").main([str(run), "--sft", "--prompt", "1.3.", "--out", "-", "--no-progress"]) == 0
+    assert load_script("generate").main([str(run), "--sft", "--prompt", "1.3.", "--out", "-", "--no-progress"]) == 0
     rec = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert rec["settings"]["steps"] == 40 - len("1.3.") - 2 and not {0, 2} & set(rec["tokens"])

@@ -1,0 +1,22 @@
+"""Helpers shared by test folders: a small word list for corpora that train tiny tokenizers, and
+the `launch/` entry points imported as modules (they are scripts, not a package API)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "river", "stone", "night", "city", "light", "water"]
+WORDS += ["red", "blue", "cat", "dog", "ran", "sat"]
+
+
+def load_script(name: str) -> ModuleType:
+    """`launch/NAME.py` as a fresh module, so a test can call its `main(argv)` in process."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
