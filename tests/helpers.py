@@ -4,8 +4,11 @@ the `launch/` entry points imported as modules (they are scripts, not a package 
 from __future__ import annotations
 
 import importlib.util
+import io
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,3 +23,16 @@ def load_script(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, **options: Any) -> bytes:
+    """A BPE SentencePiece model (LLaMA-style BOS 1 / EOS 2) trained in memory on one thread, so
+    the same sentences give the same model; `options` add or override trainer flags."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    flags: dict[str, Any] = {"model_type": "bpe", "bos_id": 1, "eos_id": 2, "minloglevel": 2, "num_threads": 1}
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, **(flags | options)
+    )
+    return buf.getvalue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
@@ -12,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+
+from tests.helpers import train_sentencepiece
 
 _WORDS = [
     "the",
@@ -97,30 +98,22 @@ def make_docs(n: int, seed: int = 0, max_words: int = 80) -> list[str]:
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
     """SentencePiece (LLaMA-style BOS 1 / EOS 2), tokenizer.json, and GPT-2 vocab.json + merges.txt."""
-    import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     root = tmp_path_factory.mktemp("tok")
     corpus = make_docs(2000, seed=1)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buf,
-        vocab_size=400,
-        model_type="bpe",
+    spm_model = train_sentencepiece(
+        corpus,
+        400,
         unk_id=0,
-        bos_id=1,
-        eos_id=2,
         pad_id=-1,
         byte_fallback=True,
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        minloglevel=2,
-        num_threads=1,
     )
     (root / "spm").mkdir()
-    (root / "spm" / "tokenizer.model").write_bytes(buf.getvalue())
+    (root / "spm" / "tokenizer.model").write_bytes(spm_model)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

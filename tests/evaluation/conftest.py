@@ -3,7 +3,6 @@ adapted model's export (with [MASK]) and as a plain AR model (without)."""
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 
@@ -12,31 +11,18 @@ import pytest
 from dlm.models import build_model, preset
 from dlm.models.hf import save_hf_model
 from dlm.tokenizer import load_tokenizer
-from tests.helpers import WORDS
+from tests.helpers import WORDS, train_sentencepiece
 
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> dict[str, Path]:
-    import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("tiny_hf")
     r = random.Random(0)
     corpus = [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 12))) + "." for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buf,
-        vocab_size=80,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-        num_threads=1,
-    )
+    spm_model = train_sentencepiece(corpus, 80, unk_id=0, pad_id=-1)
     (root / "tok").mkdir()
-    (root / "tok" / "tokenizer.model").write_bytes(buf.getvalue())
+    (root / "tok" / "tokenizer.model").write_bytes(spm_model)
     vocab = load_tokenizer(root / "tok").vocab_size
     base = preset("tiny-llama").replace(vocab_size=vocab, base_vocab_size=vocab, n_layers=1)
     plain = build_model(base)

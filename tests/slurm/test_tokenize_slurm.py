@@ -3,13 +3,14 @@ byte-identical to a local run, also when a task is requeued in the middle of a u
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import train_sentencepiece
 
 pytestmark = pytest.mark.slurm
 
@@ -40,24 +41,10 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     """A SentencePiece tokenizer and 4 JSON-lines files of 30k short documents each."""
     import random
 
-    import sentencepiece as spm
-
     root = tmp_path_factory.mktemp("tok_inputs")
     r = random.Random(0)
     docs = [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 40))) for _ in range(120_000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs[:2000]),
-        model_writer=buf,
-        vocab_size=300,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        byte_fallback=True,
-        minloglevel=2,
-        num_threads=1,
-    )
-    (root / "tok.model").write_bytes(buf.getvalue())
+    (root / "tok.model").write_bytes(train_sentencepiece(docs[:2000], 300, byte_fallback=True))
     (root / "text").mkdir()
     for i in range(4):
         lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[i * 30_000 : (i + 1) * 30_000])

@@ -3,7 +3,6 @@ whose tokenizer differs from the data's is refused even when the vocabulary size
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 
@@ -17,6 +16,7 @@ from dlm.train.checkpoint import Checkpointer, export_checkpoint
 from dlm.train.config import ModelSection
 from dlm.train.parallelize import free_port
 from dlm.train.weights import weight_source
+from tests.helpers import train_sentencepiece
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,23 +29,11 @@ def process_group():
 @pytest.fixture(scope="module")
 def spm_file(tmp_path_factory):
     """A SentencePiece model saved under a name HF loaders would not look for."""
-    import sentencepiece as spm
 
-    buf = io.BytesIO()
     words = ["river", "stone", "night", "city", "light", "water", "the", "of", "and"]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(" ".join(words[(i + j) % 9] for j in range(12)) for i in range(200)),
-        model_writer=buf,
-        vocab_size=300,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        byte_fallback=True,
-        minloglevel=2,
-        num_threads=1,
-    )
+    sentences = [" ".join(words[(i + j) % 9] for j in range(12)) for i in range(200)]
     path = tmp_path_factory.mktemp("spm") / "spm-v1.model"
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(train_sentencepiece(sentences, 300, byte_fallback=True))
     return path
 
 
