@@ -42,65 +42,14 @@ def test_generate_cli(hf_folder, tmp_path, capsys):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": "", "suffix": " dog."}) + "\n")
-    out2 = tmp_path / "more.jsonl"
-    assert (
-        gen.main(
-            [
-                str(hf_folder),
-                "--prompts-file",
-                str(prompts),
-                "--num-samples",
-                "2",
-                "--length",
-                "4",
-                "--steps",
-                "2",
-                "--temperature",
-                "1.0",
-                "--top-k",
-                "5",
-                "--block-size",
-                "2",
-                "--batch-size",
-                "3",
-                "--seed",
-                "7",
-                "--no-progress",
-                "--out",
-                str(out2),
-            ]
-        )
-        == 0
-    )
+    out2, again = tmp_path / "more.jsonl", tmp_path / "again.jsonl"
+    argv = [str(hf_folder), "--prompts-file", str(prompts), "--num-samples", "2", "--length", "4", "--steps", "2"]
+    argv += ["--temperature", "1.0", "--top-k", "5", "--block-size", "2", "--batch-size", "3", "--seed", "7"]
+    argv += ["--no-progress"]
+    assert gen.main([*argv, "--out", str(out2)]) == 0
     rows = [json.loads(line) for line in out2.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3] and rows[2]["suffix"] == " dog."
-    again = tmp_path / "again.jsonl"
-    gen.main(
-        [
-            str(hf_folder),
-            "--prompts-file",
-            str(prompts),
-            "--num-samples",
-            "2",
-            "--length",
-            "4",
-            "--steps",
-            "2",
-            "--temperature",
-            "1.0",
-            "--top-k",
-            "5",
-            "--block-size",
-            "2",
-            "--batch-size",
-            "3",
-            "--seed",
-            "7",
-            "--no-progress",
-            "--out",
-            str(again),
-        ]
-    )
+    assert gen.main([*argv, "--out", str(again)]) == 0
     assert again.read_text() == out2.read_text()  # deterministic under --seed
 
 
