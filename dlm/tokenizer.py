@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 _GPT2_VOCAB = ("vocab.json", "encoder.json")
 _GPT2_MERGES = ("merges.txt", "vocab.bpe")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
@@ -57,6 +59,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_batch` as int32 arrays, what the store writer packs; a backend that can
+        return buffers skips the Python ints."""
+        return [np.array(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -114,6 +121,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int, add_bos=False, add_eos=False, num_threads=1)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return self._sp.encode(list(texts), out_type="numpy", add_bos=False, add_eos=False, num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))

@@ -89,6 +89,7 @@ class ReadCounts:
     filtered: int = 0  # records dropped by the set-name filters (not an error)
     blank_lines: int = 0  # empty or whitespace-only lines of JSON-lines files (not an error)
     empty_inputs: list[str] = field(default_factory=list)  # files that yielded no document
+    text_bytes: int = 0  # UTF-8 bytes of the documents kept
 
 
 def _zst_blocks(f, path: Path) -> Iterator[bytes]:
@@ -134,15 +135,13 @@ def _line_chunks(path: Path) -> Iterator[bytes]:
             yield rest
 
 
-def _lone_surrogate(text: str) -> bool:
-    """A `\\ud83d` escape decodes to a lone surrogate: valid JSON, but no UTF-8 encoding exists."""
-    if text.isascii():
-        return False
+def _utf8_size(texts: list[str]) -> int | None:
+    """The texts' total UTF-8 size, or None when one holds a lone surrogate: a `\\ud83d` escape
+    is valid JSON but has no UTF-8 encoding. One pass does both: the size is needed anyway."""
     try:
-        text.encode("utf-8")
+        return sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
     except UnicodeEncodeError:
-        return True
-    return False
+        return None
 
 
 class _Reader:
@@ -173,6 +172,11 @@ class _Reader:
                 self.bad(record, "non_utf8", f"text is not valid UTF-8 ({e})")
                 return None
         if isinstance(value, str) and value:
+            size = _utf8_size([value])
+            if size is None:
+                self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
+                return None
+            self.counts.text_bytes += size
             return value
         if value is None:
             self.bad(record, "missing_text", f"field {self.cfg.text_field!r} is missing or null")
@@ -186,7 +190,7 @@ class _Reader:
         cfg = self.cfg
         return (not cfg.include_sets or name in cfg.include_sets) and name not in cfg.exclude_sets
 
-    def fast_chunk(self, chunk: str) -> list[str] | None:
+    def fast_chunk(self, chunk: str, num_lines: int) -> list[str] | None:
         """The kept documents of a chunk of well-formed lines, parsed as one JSON array in one call
         (lines cannot hold a raw newline: JSON strings escape it); None when anything is unusual
         (a blank or bad line, a missing or empty text, ...): then `line` checks each line."""
@@ -194,7 +198,7 @@ class _Reader:
             objs = json.loads("[" + chunk.replace("\n", ",") + "]")
         except json.JSONDecodeError:
             return None
-        if len(objs) != chunk.count("\n") + 1:  # a line holding two values, `{..}, {..}`
+        if len(objs) != num_lines:  # a line holding two values, `{..}, {..}`
             return None
         try:
             texts = [o[self.cfg.text_field] for o in objs]
@@ -202,16 +206,19 @@ class _Reader:
             return None
         if set(map(type, texts)) != {str} or not all(texts):
             return None
-        if ("\\ud" in chunk or "\\uD" in chunk) and any(map(_lone_surrogate, texts)):
+        if self.filtering:
+            names: list = [
+                o["meta"].get("redpajama_set_name") if isinstance(o.get("meta"), dict) else None for o in objs
+            ]
+            if set(map(type, names)) != {str}:
+                return None
+            texts = [t for t, name in zip(texts, names) if self.keep_set(name)]
+        size = _utf8_size(texts)
+        if size is None:
             return None
-        if not self.filtering:
-            return texts
-        names: list = [o["meta"].get("redpajama_set_name") if isinstance(o.get("meta"), dict) else None for o in objs]
-        if set(map(type, names)) != {str}:
-            return None
-        kept = [t for t, name in zip(texts, names) if self.keep_set(name)]
-        self.counts.filtered += len(texts) - len(kept)
-        return kept
+        self.counts.filtered += len(objs) - len(texts)
+        self.counts.text_bytes += size
+        return texts
 
     def line(self, record: str, line: str | bytes) -> str | None:
         """One JSON line, fully parsed and checked; None when blank, filtered or skipped."""
@@ -241,11 +248,7 @@ class _Reader:
             if not self.keep_set(name):
                 self.counts.filtered += 1
                 return None
-        text = self.text(record, obj.get(self.cfg.text_field))
-        if text is not None and _lone_surrogate(text):
-            self.bad(record, "non_utf8", "text is not encodable as UTF-8 (a lone surrogate \\uXXXX escape)")
-            return None
-        return text
+        return self.text(record, obj.get(self.cfg.text_field))
 
     def jsonl(self) -> Iterator[list[str]]:
         n = 0
@@ -254,11 +257,12 @@ class _Reader:
                 text = chunk.decode("utf-8")
             except UnicodeDecodeError:
                 text = None
-            docs = self.fast_chunk(text) if text is not None else None
+            num_lines = chunk.count(b"\n") + 1
+            docs = self.fast_chunk(text, num_lines) if text is not None else None
             if docs is None:  # `line` names the offending line(s)
                 lines: list = text.split("\n") if text is not None else chunk.split(b"\n")
                 docs = [t for i, line in enumerate(lines, n + 1) if (t := self.line(f"line {i}", line)) is not None]
-            n += chunk.count(b"\n") + 1
+            n += num_lines
             yield docs
 
     def parquet(self) -> Iterator[list[str]]:
@@ -276,7 +280,9 @@ class _Reader:
                 docs = [v.decode("utf-8") for v in values]
             except (AttributeError, UnicodeDecodeError):  # a null, a non-string or bad UTF-8
                 docs = []
-            if len(docs) < len(values) or not all(docs):
+            if len(docs) == len(values) and all(docs):
+                self.counts.text_bytes += sum(map(len, values))  # valid UTF-8: no lone surrogate
+            else:
                 docs = [t for i, v in enumerate(values, row + 1) if (t := self.text(f"row {i}", v)) is not None]
             row += len(values)
             yield docs

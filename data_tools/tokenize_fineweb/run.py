@@ -13,7 +13,7 @@ shown at most every `progress_interval` seconds: 1 s on a terminal, 60 s in a lo
 from __future__ import annotations
 
 import contextlib
-import itertools
+import gc
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -75,33 +75,38 @@ def _init_worker(progress_queue) -> None:
 
 
 def _tokenizer(plan: dict):
-    """The worker's tokenizer, loaded once (`run` checked its sha256 against the plan)."""
+    """The worker's tokenizer, loaded once (`run` checked its sha256 against the plan). What is
+    loaded by then lives as long as the worker: frozen, the garbage collector skips it while
+    the per-document objects of JSON decoding churn."""
     if "tokenizer" not in _WORKER:
         _WORKER["tokenizer"] = load_tokenizer(plan["tokenizer"]["path"])
+        gc.freeze()
     return _WORKER["tokenizer"]
 
 
 def _encode_batches(docs: list[str]) -> Iterator[list[str]]:
-    """Slices of at most ENCODE_DOCS documents and, past their first, ENCODE_CHARS characters:
-    bounds the Python token lists held at once. Tokens never depend on how documents are batched."""
-    start = chars = 0
-    for i, text in enumerate(docs):
-        if i > start and (i - start >= ENCODE_DOCS or chars + len(text) > ENCODE_CHARS):
-            yield docs[start:i]
-            start, chars = i, 0
-        chars += len(text)
-    if start < len(docs):
-        yield docs[start:]
+    """Slices of at most ENCODE_DOCS documents, split further past ENCODE_CHARS characters (after
+    their first document): bounds the tokens held at once. Tokens never depend on the batching."""
+    for i in range(0, len(docs), ENCODE_DOCS):
+        batch = docs[i : i + ENCODE_DOCS]
+        if sum(map(len, batch)) <= ENCODE_CHARS:  # the common case, without a loop in Python
+            yield batch
+            continue
+        start = chars = 0
+        for j, text in enumerate(batch):
+            if j > start and chars + len(text) > ENCODE_CHARS:
+                yield batch[start:j]
+                start, chars = j, 0
+            chars += len(text)
+        yield batch[start:]
 
 
-def _encode(tok, texts: list[str], dtype: np.dtype, bos: list[int], eos: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    ids = tok.encode_batch(texts)
+def _encode(tok, texts: list[str], dtype: np.dtype, bos: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(all documents' tokens, each framed by `bos`/`eos`, as one flat array; their lengths)."""
+    ids = tok.encode_arrays(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + (len(bos) + len(eos))
-    flat = np.fromiter(
-        itertools.chain.from_iterable(itertools.chain.from_iterable((bos, x, eos) for x in ids)),
-        dtype=dtype,
-        count=int(lengths.sum()),
-    )
+    # ids < vocab_size, which the plan checked fits `dtype`
+    flat = np.concatenate([part for x in ids for part in (bos, x, eos)], dtype=dtype, casting="unsafe")
     return flat, lengths
 
 
@@ -115,22 +120,23 @@ def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
     spec = plan["units"][unit]
     facts = plan["tokenizer"]
     dtype = np.dtype(plan["dtype"])
-    bos = [facts["bos_id"]] if facts["add_bos"] else []
-    eos = [facts["eos_id"]] if facts["eos_id"] is not None else []
+    bos = np.array([facts["bos_id"]] if facts["add_bos"] else [], dtype=np.int32)
+    eos = np.array([facts["eos_id"]] if facts["eos_id"] is not None else [], dtype=np.int32)
     cfg, counts = ReadConfig.from_plan(plan), ReadCounts()
     for path, planned in zip(spec["files"], spec["bytes"]):
         if file_size(Path(path)) != planned:
             raise InputError(f"{path}: size changed since the plan ({planned} -> {file_size(Path(path))} bytes)")
     sink = _WORKER.get("report")  # takes (docs, tokens, bytes) since the last report
-    docs = tokens = in_bytes = 0
+    docs = tokens = 0
     sent = [0, 0, 0]
     last = time.monotonic()
 
     def report(force=False):
         nonlocal last, sent
         if sink is not None and (force or time.monotonic() - last >= PROGRESS_EVERY_S):
-            sink((docs - sent[0], tokens - sent[1], in_bytes - sent[2]))
-            sent, last = [docs, tokens, in_bytes], time.monotonic()
+            now = [docs, tokens, counts.text_bytes]  # bytes are counted per chunk read
+            sink(tuple(a - b for a, b in zip(now, sent)))
+            sent, last = now, time.monotonic()
 
     writer = ShardWriter(shard_path(store, unit), store_schema(dtype, facts), plan["batch_tokens"])
     try:
@@ -141,7 +147,6 @@ def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
                     writer.add(flat, lengths)
                     docs += len(texts)
                     tokens += len(flat)
-                    in_bytes += sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
                     report()
         writer.commit()
     except BaseException:
@@ -158,7 +163,7 @@ def process_unit(store_dir: str, plan: dict, unit: int) -> dict:
         "documents": docs,
         "tokens": tokens,
         "batches": writer.batches,
-        "input_bytes": in_bytes,
+        "input_bytes": counts.text_bytes,
         "inputs": spec["files"],
         "skipped": dict(sorted(counts.skipped.items())),
         "filtered": counts.filtered,

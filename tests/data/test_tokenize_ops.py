@@ -231,3 +231,41 @@ def test_json_lines_reader_agrees_with_json_loads(tmp_path):
             raise AssertionError(f"reader accepted {bad!r}")
         except InputError as e:
             assert "line 2: invalid JSON" in str(e), e
+
+
+def test_text_bytes_count_kept_documents_in_utf8(tmp_path):
+    """`input_bytes` (sidecars, stats, progress) is the UTF-8 size of the documents kept, counted by
+    the reader on its fast and its per-record paths."""
+    from data_tools.tokenize_fineweb.inputs import ReadConfig, ReadCounts, read_documents
+
+    docs = ["plain", "ünï → 😀", "x" * 50, "é"]
+    lines = [json.dumps({"text": t}) for t in docs]  # \u escapes, surrogate pairs included
+    skip = ReadConfig(on_bad_record="skip")
+    cases = {
+        "fast.jsonl": lines,
+        "slow.jsonl": [*lines[:2], '{"text": "\\ud83d"}', "", *lines[2:], '{"text": 3}'],  # bad, blank: per record
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_text("\n".join(content) + "\n", encoding="utf-8")
+        counts = ReadCounts()
+        got = [t for chunk in read_documents(path, skip, counts) for t in chunk]
+        assert got == docs, name
+        assert counts.text_bytes == sum(len(t.encode()) for t in docs), name
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": docs}), path)
+    counts = ReadCounts()
+    assert [t for chunk in read_documents(path, ReadConfig(), counts) for t in chunk] == docs
+    assert counts.text_bytes == sum(len(t.encode()) for t in docs)
+
+
+def test_encode_batches_partition_within_limits(monkeypatch):
+    monkeypatch.setattr(run_mod, "ENCODE_DOCS", 4)
+    monkeypatch.setattr(run_mod, "ENCODE_CHARS", 10)
+    docs = ["a" * n for n in (1, 2, 3, 30, 4, 1, 1, 1, 1, 1, 9, 9, 2)]
+    batches = list(run_mod._encode_batches(docs))
+    assert [t for b in batches for t in b] == docs
+    for b in batches:
+        assert 1 <= len(b) <= 4
+        assert len(b) == 1 or sum(map(len, b)) <= 10, b  # one long document may exceed the limit alone
+    assert [len(b) for b in batches] == [3, 1, 4, 2, 1, 1, 1]

@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer as RawHF
 
@@ -33,6 +34,16 @@ def test_round_trip_and_literal_specials(tok_dir, h, which):
         assert not specials & set(ids), f"{which}: literal text became a special id in {doc!r}"
     assert tok.encode_batch(["x y", LITERALS]) == [tok.encode("x y"), tok.encode(LITERALS)]
     assert len(tok.sha256) == 64
+
+
+@pytest.mark.parametrize("which", ["spm-file", "hf-file", "gpt2-dir"])
+def test_encode_arrays_equal_encode_batch(tok_dir, h, which):
+    """The store writer's array path (SentencePiece: NumPy buffers, no Python ints) against lists."""
+    tok = load_tokenizer(_paths(tok_dir)[which])
+    docs = h.make_docs(40, seed=7) + [LITERALS, "ünïcödé → 😀 \u00e9", "x"]
+    arrays = tok.encode_arrays(docs)
+    assert all(a.dtype == np.int32 and a.ndim == 1 for a in arrays)
+    assert [a.tolist() for a in arrays] == tok.encode_batch(docs)
 
 
 def test_facts(tok_dir):
