@@ -5,6 +5,7 @@
 Each backend module `dlm.attention.<name>` defines:
     available(device: torch.device) -> str | None   # None when usable, else why not
     ARBITRARY_MASK: bool                              # can it honour an annealing mask?
+    HALF_PRECISION_ONLY: bool                         # fp16/bf16 inputs only?
     attention(q, k, v, layout) -> Tensor              # [B, H, L, D]
 """
 
@@ -47,21 +48,24 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
-def _why_not(name: str, device: torch.device, arbitrary_mask: bool) -> str | None:
+def _why_not(name: str, device: torch.device, arbitrary_mask: bool, half: bool) -> str | None:
     mod = _module(name)
     reason = mod.available(device)
     if reason is None and arbitrary_mask and not mod.ARBITRARY_MASK:
         reason = "it only supports document masks, not the causal->bidirectional annealing mask"
+    if reason is None and not half and mod.HALF_PRECISION_ONLY:
+        reason = "it needs fp16/bf16 inputs, these are fp32"
     return reason
 
 
 @cache
-def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
-    """The concrete backend for a request; a clear error when it cannot serve it."""
+def resolve_backend(name: str, device_type: str, arbitrary_mask: bool, half: bool = True) -> str:
+    """The concrete backend for a request (`half`: fp16/bf16 inputs); a clear error when it
+    cannot serve it."""
     device = torch.device(device_type)
     mask = "annealing mask" if arbitrary_mask else "document mask"
     if name != "auto":
-        reason = _why_not(name, device, arbitrary_mask)
+        reason = _why_not(name, device, arbitrary_mask, half)
         if reason is not None:
             raise BackendUnavailable(f"attention backend {name!r} cannot be used on {device_type}: {reason}")
         logger.info("attention backend: %s (requested, %s, %s)", name, device_type, mask)
@@ -69,7 +73,7 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
     order = _CUDA_ORDER if device_type == "cuda" else _CPU_ORDER
     skipped: list[str] = []
     for candidate in order:
-        reason = _why_not(candidate, device, arbitrary_mask)
+        reason = _why_not(candidate, device, arbitrary_mask, half)
         if reason is None:
             # resolve_backend is cached, so this is logged once per (request, device, mask kind)
             logger.info(
@@ -84,15 +88,20 @@ def resolve_backend(name: str, device_type: str, arbitrary_mask: bool) -> str:
     raise BackendUnavailable(f"no attention backend is usable on {device_type}: " + "; ".join(skipped))
 
 
-# (request, device type, arbitrary mask) -> backend module; a plain dict, which torch.compile
-# traces as a guarded constant (an lru_cache call would break the graph)
-_RESOLVED: dict[tuple[str, str, bool], ModuleType] = {}
+# (request, device type, arbitrary mask, half precision) -> backend module; a plain dict, which
+# torch.compile traces as a guarded constant (an lru_cache call would break the graph)
+_RESOLVED: dict[tuple[str, str, bool, bool], ModuleType] = {}
+
+
+@torch.compiler.disable  # once per key: not traced (Dynamo warns about the caches inside)
+def _resolve(key: tuple[str, str, bool, bool]) -> None:
+    _RESOLVED[key] = _module(resolve_backend(*key))
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str = "auto"
 ) -> torch.Tensor:
-    key = (backend, q.device.type, layout.needs_dense_mask)
+    key = (backend, q.device.type, layout.needs_dense_mask, q.dtype in (torch.float16, torch.bfloat16))
     if key not in _RESOLVED:
-        _RESOLVED[key] = _module(resolve_backend(*key))
+        _resolve(key)
     return _RESOLVED[key].attention(q, k, v, layout)

@@ -15,6 +15,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: At
 
 
 ARBITRARY_MASK = True
+HALF_PRECISION_ONLY = False
 
 
 def available(device: torch.device) -> str | None:

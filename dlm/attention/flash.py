@@ -10,6 +10,7 @@ from dlm.attention.layout import AttentionLayout
 from dlm.attention.varlen import ampere_cuda_problem, check_half_precision, run_packed
 
 ARBITRARY_MASK = False
+HALF_PRECISION_ONLY = True  # fp16/bf16 kernels
 
 
 def _flash_varlen(q, k, v, cu, max_seqlen: int, causal: bool) -> torch.Tensor:

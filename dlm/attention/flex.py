@@ -23,6 +23,7 @@ else:
     _IMPORT_ERROR = None
 
 ARBITRARY_MASK = True
+HALF_PRECISION_ONLY = False
 
 
 def available(device: torch.device) -> str | None:

@@ -9,7 +9,7 @@ in; in debug mode (`dlm.debug`) a given `cu_seqlens` is checked against the posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -92,7 +92,6 @@ class AttentionLayout:
     max_seqlen: int
     causal: bool = False
     anneal: AnnealMask | None = None
-    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @staticmethod
     def from_position_ids(
@@ -144,9 +143,12 @@ class AttentionLayout:
     def dense_mask(self) -> torch.Tensor:
         """[B, 1, L, L] boolean mask (True = attend): the reference every backend is checked against.
         Built once per layout, since every layer of a forward pass shares it."""
-        if self._dense is None:
-            self._dense = self._build_dense_mask()
-        return self._dense
+        # cached outside the dataclass fields, so `dataclasses.replace` (FSDP's input casting,
+        # for one) copies a layout without tripping over it
+        dense = self.__dict__.get("_dense")
+        if dense is None:
+            dense = self.__dict__["_dense"] = self._build_dense_mask()
+        return dense
 
     def _build_dense_mask(self) -> torch.Tensor:
         B, L = self.doc_ids.shape

@@ -17,6 +17,7 @@ from dlm.attention.layout import AttentionLayout
 from dlm.attention.varlen import run_packed
 
 ARBITRARY_MASK = False
+HALF_PRECISION_ONLY = False
 
 
 def available(device: torch.device) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from dlm.attention.layout import AttentionLayout
 
 ARBITRARY_MASK = False
+HALF_PRECISION_ONLY = True  # fp16/bf16 kernels
 
 # varlen_fn(q [T, H, D], k [T, Hkv, D], v [T, Hkv, D], cu_seqlens int32 [S+1], max_seqlen, causal) -> [T, H, D]
 VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor]

@@ -89,12 +89,14 @@ def apply_compile(model: Llama | GPT2) -> None:
 
 
 def mixed_precision(cfg: ParallelSection, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (exact tests)."""
+    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (exact tests).
+    Forward inputs are not cast: blocks get activations already in bf16 and integer layouts, and
+    casting would copy each block's `AttentionLayout`, losing the masks its layers share."""
     mode = cfg.mixed_precision
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "fp32"
     if mode == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 

@@ -4,7 +4,6 @@ model changes, generate --ar, per-sample logs and both normalisations."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from dlm.evaluation import EvalConfig, evaluate
 from dlm.evaluation.runner import rolling_windows, with_start
 from dlm.evaluation.tasks import MultipleChoice
 from dlm.models import build_model, preset
-from tests.helpers import load_script
+from tests.helpers import load_script, write_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -295,12 +294,7 @@ def test_char_and_byte_normalisations_differ(monkeypatch):
 
 
 def _write_store(folder: Path) -> Path:
-    """The trainer tests' tiny token store (tests/train/conftest.py), loaded by path."""
-    spec = importlib.util.spec_from_file_location("train_conftest_for_eval", REPO / "tests" / "train" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.write_store(folder, n_docs=200, units=1)
+    return write_store(folder, n_docs=200, units=1)
 
 
 @pytest.mark.parametrize("ar", [False, True])

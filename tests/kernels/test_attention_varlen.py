@@ -201,3 +201,18 @@ def test_auto_on_cpu_logs_choice(caplog):
         assert attn.resolve_backend("auto", "cpu", True) == "sdpa"
     assert "attention backend: sdpa (auto" in caplog.text
     attn.resolve_backend.cache_clear()
+
+
+def test_auto_passes_over_half_precision_kernels_for_fp32(monkeypatch):
+    """fp32 on CUDA (e.g. `generate.py --dtype fp32`, the default) must not resolve to a kernel
+    that only takes fp16/bf16; found on an H200, where auto picked varlen and then refused fp32."""
+    for name in attn.BACKENDS:
+        monkeypatch.setattr(attn._module(name), "available", lambda device: None)
+    attn.resolve_backend.cache_clear()
+    try:
+        assert attn.resolve_backend("auto", "cuda", False, half=True) == "flash"
+        assert attn.resolve_backend("auto", "cuda", False, half=False) == "flex"
+        with pytest.raises(attn.BackendUnavailable, match="'varlen' cannot be used on cuda: it needs fp16/bf16"):
+            attn.resolve_backend("varlen", "cuda", False, half=False)
+    finally:
+        attn.resolve_backend.cache_clear()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_store
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -61,5 +63,4 @@ def python() -> str:
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
-    train_conftest = _load("train_conftest", REPO / "tests" / "train" / "conftest.py")
-    return train_conftest.write_store(tmp_path_factory.mktemp("data") / "store")
+    return write_store(tmp_path_factory.mktemp("data") / "store")
