@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ["the", "of", "and", "to", "in", "is", "was", "river", "stone", "night", "city", "light", "water"]
 WORDS += ["red", "blue", "cat", "dog", "ran", "sat"]
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python bench/SCRIPT ARGS` from the repo root as its own process, output captured; $OUT
+    unset, so details go only where `args` say."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    return subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def load_script(name: str) -> ModuleType:

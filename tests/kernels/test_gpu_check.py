@@ -1,29 +1,16 @@
 """bench/gpu_check.py --dry-run runs the whole GPU check at tiny sizes on CPU, so it cannot rot."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_bench
 
 
 @pytest.mark.slow  # a subprocess
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("OUT", None)
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--dry-run", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_bench("gpu_check.py", "--dry-run", "--json", str(out))  # sets TRITON_INTERPRET itself
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.rstrip().splitlines()
     verdict = max(i for i, line in enumerate(lines) if line.startswith("gpu_check passed"))
