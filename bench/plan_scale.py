@@ -88,9 +88,10 @@ def layer_activation_bytes(cfg: ModelConfig, s: int) -> float:
     kv = (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
     attention = s * (D + 2 * kv) + s * D + 4 * H  # q, k, v (after RoPE / packing), output, logsumexp
     if cfg.family == "llama":
-        # RMSNorm: fp32 input (a copy when s = 2), normalised fp32 -> compute dtype, output; rsqrt
-        norm = D * (4 + 2 * s) + 4
-        ffn = 4 * F * s  # w1 out, w3 out, silu(w1 out), product
+        # dlm.models.lean_ops: RMSNorm input, fp32 inverse RMS, and its output (the next
+        # projections' input); RoPE saves only cos/sin, shared by all layers
+        norm = 2 * D * s + 4
+        ffn = 2 * F * s  # w1 out, w3 out: silu and the product are recomputed in backward
     else:
         norm = 2 * D * s + 2 * s  # LayerNorm input and output; mean, rstd (fp32 on CUDA: +4 bytes)
         ffn = 2 * F * s  # fc out, gelu out
@@ -119,7 +120,7 @@ def memory(setup: Setup) -> dict[str, float]:
     head_rows = cfg.vocab_size * cfg.dim  # the (tied) output head
     per_layer = layer_activation_bytes(cfg, s) * tokens
     wrapped = ac_blocks(setup.ac, cfg.n_layers)
-    final_norm = tokens * (cfg.dim * (4 + s) + 4 if cfg.family == "llama" else 2 * cfg.dim * s)
+    final_norm = tokens * (cfg.dim * s + 4 if cfg.family == "llama" else 2 * cfg.dim * s)
     m = {
         "params (fp32 master, sharded)": 4 * total / n,
         "AdamW state (fp32, sharded)": 8 * total / n,

@@ -17,6 +17,7 @@ from dlm.attention import attend
 from dlm.attention.layout import AttentionLayout
 from dlm.kv_cache import KVCache, LayerKV
 from dlm.models.config import ModelConfig
+from dlm.models.lean_ops import rms_norm, swiglu_down
 
 
 class RMSNorm(nn.Module):
@@ -26,10 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32, cast back before the gain: the order HF uses, so bf16 matches too
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # HF's order of operations; saves no output copy
 
 
 def rope_cos_sin(
@@ -89,6 +87,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.w2) is nn.Linear:  # not a LoRA-wrapped projection: recompute its input in backward
+            return swiglu_down(self.w1(x), self.w3(x), self.w2.weight)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
