@@ -15,6 +15,7 @@ from dlm.attention import attend
 from dlm.attention.layout import AttentionLayout
 from dlm.kv_cache import KVCache, LayerKV
 from dlm.models.config import ModelConfig
+from dlm.models.lean_ops import gelu_down
 
 
 class Attention(nn.Module):
@@ -41,6 +42,8 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(hidden, dim)  # HF c_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.proj) is nn.Linear:  # not a LoRA-wrapped projection: recompute its input in backward
+            return gelu_down(self.fc(x), self.proj.weight, self.proj.bias)
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 

@@ -4,8 +4,9 @@ the matmuls. The forward pass computes exactly what the plain expressions in `dl
 compute (Hugging Face's order of operations), so logits are unchanged; the gradients match
 autograd's to rounding. Per token and layer this drops the RMSNorm's fp32 copies and normalised
 output, the SwiGLU gate activation and the down projection's input: 0.62x of a SmolLM2 block's
-saved activations in fp32, 0.56x in bf16. (RoPE needs nothing of the kind: with cos/sin not
-requiring gradients, autograd already saves only them.)
+saved activations in fp32, 0.56x in bf16; in GPT-2 the MLP's GELU output: 0.75x of a block's.
+(RoPE needs nothing of the kind: with cos/sin not requiring gradients, autograd already saves
+only them; LayerNorm's native backward already keeps only its input and statistics.)
 
 Each function has its autograd reference beside it (`*_reference`), which the tests compare it to.
 """
@@ -75,3 +76,29 @@ class _SwiGLUDown(torch.autograd.Function):
 def swiglu_down(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """w2(silu(a) * b) for a bias-free down projection with weight `w` [dim, hidden]."""
     return _SwiGLUDown.apply(a, b, w)
+
+
+# ---- GELU down projection (GPT-2): saves the up projection, not its GELU -------------------------
+def gelu_down_reference(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(F.gelu(a, approximate="tanh"), w, bias)
+
+
+class _GELUDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(a, w)
+        return F.linear(F.gelu(a, approximate="tanh"), w, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        a, w = ctx.saved_tensors
+        flat = grad.flatten(0, -2)
+        gw = flat.t().mm(F.gelu(a, approximate="tanh").flatten(0, -2)) if ctx.needs_input_grad[1] else None
+        gb = flat.sum(0) if ctx.needs_input_grad[2] else None
+        ga = torch.ops.aten.gelu_backward(grad.matmul(w), a, approximate="tanh")
+        return ga, gw, gb
+
+
+def gelu_down(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """proj(gelu_tanh(a)) for a down projection with weight `w` [dim, hidden] and `bias`."""
+    return _GELUDown.apply(a, w, bias)

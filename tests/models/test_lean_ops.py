@@ -50,6 +50,12 @@ CASES = {
         {"a": (2, 37, 160), "b": (2, 37, 160), "w": (48, 160)},
         {"a", "b", "w"},
     ),
+    "gelu_down": (
+        lambda t: ops.gelu_down(t["a"], t["w"], t["bias"]),
+        lambda t: ops.gelu_down_reference(t["a"], t["w"], t["bias"]),
+        {"a": (2, 37, 160), "w": (48, 160), "bias": (48,)},
+        {"a", "w", "bias"},
+    ),
 }
 
 
@@ -76,20 +82,23 @@ def test_saves_less_than_autograd(name):
     assert _saved_bytes(lambda: lean(t)) < _saved_bytes(lambda: reference(t))
 
 
-def test_lora_down_projection_keeps_its_adapter():
-    """A LoRA-wrapped w2 must run its own forward (the lean path reads only the base weight)."""
+@pytest.mark.parametrize(("name", "down"), [("tiny-llama", "w2"), ("tiny-gpt2", "proj")])
+def test_lora_down_projection_keeps_its_adapter(name, down):
+    """A LoRA-wrapped down projection must run its own forward (the lean path reads only the base
+    weight)."""
     torch.manual_seed(0)
-    model = build_model(preset("tiny-llama"))
+    model = build_model(preset(name))
     model.init_weights(seed=0)
-    apply_lora(model, LoRAConfig(rank=4, targets=["w2"]))
+    apply_lora(model, LoRAConfig(rank=4, targets=[down]))
     ffn = model.layers[0].feed_forward
-    assert isinstance(ffn.w2, LoRALinear)
+    proj = getattr(ffn, down)
+    assert isinstance(proj, LoRALinear)
     x = torch.randn(2, 5, model.config.dim)
     base = ffn(x).detach()
     with torch.no_grad():
-        ffn.w2.lora_A.normal_()
-        ffn.w2.lora_B.normal_()
+        proj.lora_A.normal_()
+        proj.lora_B.normal_()
     out = ffn(x)
     assert not torch.allclose(out, base)
     out.sum().backward()
-    assert ffn.w2.lora_B.grad is not None and ffn.w2.lora_B.grad.abs().sum() > 0
+    assert proj.lora_B.grad is not None and proj.lora_B.grad.abs().sum() > 0
