@@ -18,6 +18,12 @@ from dlm.train.checkpoint import COMPLETE
 pytestmark = pytest.mark.slow
 
 STEPS, N = 8, 4
+SHORT = {  # a few full fine-tuning steps, nothing written at the end
+    "train.global_batch_size": 8,
+    "train.micro_batch_size": 4,
+    "checkpoint.interval": 0,
+    "checkpoint.export_at_end": False,
+}
 LORA = {
     "train.steps": STEPS,
     "train.global_batch_size": 8,
@@ -118,10 +124,7 @@ def test_ar_sft_full_finetuning_trains(finetune_run, tmp_path):
         "train.stage": "ar_sft",
         "model.attention": "causal",
         "train.steps": 6,
-        "train.global_batch_size": 8,
-        "train.micro_batch_size": 4,
-        "checkpoint.interval": 0,
-        "checkpoint.export_at_end": False,
+        **SHORT,
     }
     finetune_run.run(1, finetune_run.args(run_dir, **overrides), tmp_path / "log")
     r = records(run_dir)
@@ -134,10 +137,7 @@ def test_diffusion_full_sft_with_packing_trains(finetune_run, tmp_path):
         "finetune.pack": True,
         "data.seq_len": 48,
         "train.steps": 8,
-        "train.global_batch_size": 8,
-        "train.micro_batch_size": 4,
-        "checkpoint.interval": 0,
-        "checkpoint.export_at_end": False,
+        **SHORT,
     }
     finetune_run.run(1, finetune_run.args(run_dir, **overrides), tmp_path / "log")
     r = records(run_dir)

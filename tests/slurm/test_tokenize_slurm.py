@@ -10,30 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import train_sentencepiece
+from tests.helpers import WORDS, train_sentencepiece
 
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "river",
-    "stone",
-    "night",
-    "city",
-    "light",
-    "water",
-    "who",
-    "would",
-    "when",
-    "there",
-]
 
 
 @pytest.fixture(scope="module")
